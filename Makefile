@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# VENV can point at a cached environment shared by many checkouts (see .ci/run).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.maskray-deps-$(shell sha1sum pyproject.toml | cut -c1-12)
+DEMO_DATA := data/demo
+DEMO_CONFIG := configs/demo/mae.yaml
+
+.PHONY: install demo demo-data test lint clean
+
+$(DEPS_STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+# Dependencies once per pyproject change; the editable install is re-pointed at this checkout every time.
+install: $(DEPS_STAMP)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+
+$(DEMO_DATA)/train/manifest.parquet:
+	$(PY) launch/make_shards.py demo $(DEMO_DATA) --overwrite
+
+demo-data: install $(DEMO_DATA)/train/manifest.parquet
+
+demo: demo-data
+	$(PY) launch/pretrain.py --config $(DEMO_CONFIG)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(DEMO_DATA) runs mlflow.db mlartifacts

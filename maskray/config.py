@@ -1,0 +1,232 @@
+"""Typed run configuration: YAML file + ``--set a.b=value`` overrides, validated before any worker starts.
+
+Every knob has a default that runs the bundled demo (``configs/demo/mae.yaml`` only names the demo data).
+Errors surface as :class:`~maskray.errors.ConfigError` with one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from maskray.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Backbone: a timm ViT name plus overrides passed to ``timm.create_model``."""
+
+    arch: str = "vit_tiny_patch16_224"
+    img_size: int = Field(16, gt=0)
+    patch_size: int = Field(4, gt=0)
+    in_chans: int = Field(3, gt=0)
+    depth: int | None = Field(4, gt=0, description="overrides the arch's depth; null keeps it")
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _patch_divides_image(self) -> ModelConfig:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        return self
+
+
+class DataConfig(Section):
+    """Training data stream (WebDataset shards written by ``launch/make_shards.py``)."""
+
+    shards: str = "data/demo/train"
+    batch_size: int = Field(64, gt=0, description="micro-batch per worker")
+    num_workers: int = Field(1, ge=0, description="loader processes per training worker")
+    resampled: bool = True
+    shuffle_buffer: int = Field(1000, ge=0)
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    hflip: bool = False
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < value[0] <= value[1] <= 1.0:
+            raise ValueError("crop_scale must satisfy 0 < low <= high <= 1")
+        return value
+
+
+class ObjectiveConfig(BaseModel):
+    """``name`` picks a registered objective; the other keys are validated by that objective's Config."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "mae"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(Section):
+    """AdamW with linear warmup then half-cycle cosine; lr = blr * global_batch / 256 unless ``lr`` is set."""
+
+    lr: float | None = Field(None, gt=0.0)
+    blr: float = Field(1.5e-3, gt=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(100, ge=0)
+    grad_accum: int = Field(1, ge=1)
+    clip_grad: float = Field(0.0, ge=0.0, description="max grad norm; 0 disables clipping")
+
+
+class TrainConfig(Section):
+    """Loop length (optimizer steps), logging, checkpointing and DeepSpeed settings."""
+
+    steps: int = Field(1200, gt=0)
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(400, gt=0)
+    seed: int = 0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class ScalingSection(Section):
+    """How many Ray Train workers and what each one gets."""
+
+    workers: int = Field(2, ge=1)
+    use_gpu: bool | None = Field(None, description="null: use GPUs when the cluster has them")
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    max_failures: int = Field(0, ge=-1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class EvalConfig(Section):
+    """k-NN evaluation on frozen features (DINO protocol: cosine, k=20, T=0.07)."""
+
+    train_shards: str | None = "data/demo/train"
+    test_shards: str | None = "data/demo/test"
+    knn_k: int = Field(20, gt=0)
+    knn_temperature: float = Field(0.07, gt=0.0)
+    feature: Literal["cls", "mean"] = "mean"
+    batch_size: int = Field(256, gt=0)
+    random_init: bool = True
+
+
+class TrackingConfig(Section):
+    """MLflow and Ray storage. ``uri`` null: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``."""
+
+    uri: str | None = None
+    experiment: str = "maskray"
+    storage_path: str = "runs"
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    def resolved_uri(self) -> str:
+        if self.uri:
+            return self.uri
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+class Config(Section):
+    """The whole run configuration."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def global_batch(self) -> int:
+        """Images per optimizer step across all workers."""
+        return self.data.batch_size * self.optim.grad_accum * self.scaling.workers
+
+    def learning_rate(self) -> float:
+        return self.optim.lr if self.optim.lr is not None else self.optim.blr * self.global_batch() / 256
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened ``{"a.b": value}`` view for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {dotted}: cannot parse value {raw!r}: {err.problem}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    return f"key '{key}': {first['msg']}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (YAML, may be None for all defaults), apply overrides, validate everything.
+
+    The objective's own keys are checked against its registered Config class here, in the driver.
+    """
+    source = str(path) if path else "<defaults>"
+    tree: dict[str, Any] = {}
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read config ({err.strerror})") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: invalid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        config = Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+    from maskray.objective import get_objective
+
+    try:
+        objective = get_objective(config.objective.name)
+    except KeyError as err:
+        raise ConfigError(f"{source}: key 'objective.name': {err.args[0]}") from None
+    try:
+        objective.Config.model_validate(config.objective.params)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err).replace(chr(39), chr(39) + 'objective.', 1)}") from None
+    return config

@@ -1,0 +1,1 @@
+"""Training engine: the per-worker DeepSpeed loop and the Ray Train driver."""

@@ -1,0 +1,115 @@
+"""The driver: validate everything, create the MLflow run, build the TorchTrainer, fit, report.
+
+Runs wherever ``launch/pretrain.py`` runs: on a laptop it starts a local Ray; under ``ray job submit`` it
+attaches to the cluster. Nothing here imports DeepSpeed (workers do).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from maskray.config import Config
+from maskray.data import resolve_shards
+from maskray.eval.protocol import eval_shard_sets
+from maskray.tracking import find_or_create_run, finish_run, run_url_hint
+
+
+@dataclass
+class PretrainResult:
+    run_id: str
+    run_name: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    resumed: bool
+
+
+def default_run_name(config: Config) -> str:
+    return f"{config.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def validate_inputs(config: Config) -> None:
+    """Check data before any worker starts (raises DataError with one line naming the key and path)."""
+    resolve_shards(config.data.shards, key="data.shards")
+    eval_shard_sets(config.eval)
+
+
+def _scaling(config: Config, workers: int):
+    import ray
+    from ray.train import ScalingConfig
+
+    use_gpu = config.scaling.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    resources = {"CPU": config.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def run_pretraining(config: Config, run_name: str | None = None, max_steps: int | None = None) -> PretrainResult:
+    """Train ``config`` on Ray. Re-using ``run_name`` resumes that run (checkpoint and MLflow run)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from maskray.engine.worker import train_loop_per_worker
+
+    validate_inputs(config)
+    run_name = run_name or default_run_name(config)
+    tracking_uri = config.tracking.resolved_uri()
+    tags = {
+        "objective": config.objective.name,
+        "backbone": config.model.arch,
+        "dataset": Path(config.data.shards).name or config.data.shards,
+        "dataset_path": config.data.shards,
+        **config.tracking.tags,
+    }
+    run_id, resumed = find_or_create_run(tracking_uri, config.tracking.experiment, run_name, config.flat(), tags)
+    storage = Path(config.tracking.storage_path).expanduser().resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}}, log_to_driver=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "mlflow_run_id": run_id,
+            "tracking_uri": tracking_uri,
+            "max_steps": max_steps,
+        },
+        scaling_config=_scaling(config, config.scaling.workers),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.scaling.checkpoints_to_keep),
+        ),
+    )
+    ok = False
+    try:
+        trainer.fit()
+        ok = True
+    finally:
+        finish_run(tracking_uri, run_id, ok)
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    return PretrainResult(run_id, run_name, tracking_uri, dict(run.data.metrics), resumed)
+
+
+def summary_lines(result: PretrainResult) -> list[str]:
+    """What the launcher prints at the end; the last line is ``mlflow_run_id=<id>``."""
+    metrics = result.metrics
+    lines = [f"run {result.run_name} ({'resumed' if result.resumed else 'new'}), "
+             f"final loss {metrics.get('loss', float('nan')):.4f}"]
+    if "knn_top1" in metrics:
+        lines.append(f"k-NN top-1 (pretrained encoder):  {metrics['knn_top1']:.2f}%")
+    if "knn_top1_random_init" in metrics:
+        lines.append(f"k-NN top-1 (random-init encoder): {metrics['knn_top1_random_init']:.2f}%")
+    lines.append(f"MLflow: {run_url_hint(result.tracking_uri)}   (cwd: {os.getcwd()})")
+    lines.append(f"mlflow_run_id={result.run_id}")
+    return lines

@@ -1,0 +1,19 @@
+"""MLflow tracking: the driver owns the run (create or find, params, tags, status); rank 0 logs into it."""
+
+from maskray.tracking.mlflow_run import (
+    RunLogger,
+    artifact_root_for,
+    ensure_experiment,
+    find_or_create_run,
+    finish_run,
+    run_url_hint,
+)
+
+__all__ = [
+    "RunLogger",
+    "artifact_root_for",
+    "ensure_experiment",
+    "find_or_create_run",
+    "finish_run",
+    "run_url_hint",
+]

@@ -1,0 +1,1 @@
+"""Objective plugins. Each module registers one objective with ``maskray.objective.register_objective``."""

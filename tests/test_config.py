@@ -1,0 +1,79 @@
+"""Typed config: overrides, one-line errors, and launcher exit code 2 before any worker starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from maskray.config import load_config
+from maskray.errors import ConfigError
+
+from .conftest import REPO
+
+
+def test_defaults_and_overrides(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  depth: 2\nobjective:\n  name: mae\n  mask_ratio: 0.6\n")
+    config = load_config(path, ["optim.blr=0.01", "data.batch_size=8", "scaling.workers=3"])
+    assert config.model.depth == 2 and config.objective.params == {"mask_ratio": 0.6}
+    assert config.optim.blr == 0.01 and config.global_batch() == 24
+    assert config.learning_rate() == pytest.approx(0.01 * 24 / 256)
+    assert config.flat()["model.arch"] == "vit_tiny_patch16_224"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["model.nope=1"], "unknown key 'model.nope'"),
+        (["data.batch_size=abc"], "key 'data.batch_size'"),
+        (["objective.mask_ratio=2"], "key 'objective.mask_ratio'"),
+        (["objective.bogus=1"], "unknown key 'objective.bogus'"),
+        (["objective.name=nonexistent"], "unknown objective 'nonexistent'"),
+        (["model.img_size=18"], "not divisible"),
+        (["train.zero_stage=5"], "key 'train.zero_stage'"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, fragment) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    message = str(info.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_bad_yaml_names_the_file(tmp_path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: invalid YAML"):
+        load_config(path)
+
+
+def _pretrain(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / "pretrain.py"), *args],
+        capture_output=True, text=True, cwd=cwd, timeout=120,
+    )
+
+
+def test_cli_config_error_exits_2_with_one_line(tmp_path) -> None:
+    result = _pretrain("--config", str(REPO / "configs/demo/mae.yaml"), "--set", "model.colour=red", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown key 'model.colour'" in result.stderr
+
+
+def test_cli_missing_data_exits_2(tmp_path) -> None:
+    result = _pretrain("--set", f"data.shards={tmp_path / 'missing'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "data.shards" in result.stderr and "missing" in result.stderr
+
+
+def test_cli_empty_dataset_exits_2(tmp_path) -> None:
+    from maskray.data import write_shards
+
+    write_shards([], tmp_path / "empty", progress=False)
+    result = _pretrain("--set", f"data.shards={tmp_path / 'empty'}", cwd=tmp_path)
+    assert result.returncode == 2 and "empty" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
