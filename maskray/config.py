@@ -152,6 +152,24 @@ class Config(Section):
     def learning_rate(self) -> float:
         return self.optim.lr if self.optim.lr is not None else self.optim.blr * self.global_batch() / 256
 
+    def resolved(self, base: Path | None = None) -> Config:
+        """A copy in which local paths are absolute (workers run in other directories) and the tracking
+        URI is fixed, so every process of the run sees the same data, storage and MLflow store."""
+        base = base or Path.cwd()
+
+        def absolute(path: str | None) -> str | None:
+            if path is None or "://" in path:
+                return path
+            return str((base / Path(path).expanduser()).resolve())
+
+        update = self.model_copy(deep=True)
+        update.data.shards = absolute(self.data.shards)
+        update.eval.train_shards = absolute(self.eval.train_shards)
+        update.eval.test_shards = absolute(self.eval.test_shards)
+        update.tracking.storage_path = absolute(self.tracking.storage_path)
+        update.tracking.uri = self.tracking.resolved_uri()
+        return update
+
     def flat(self) -> dict[str, Any]:
         """Flattened ``{"a.b": value}`` view for MLflow params."""
         return flatten(self.model_dump(mode="json"))

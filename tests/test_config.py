@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from maskray.config import load_config
 from maskray.errors import ConfigError
 
-from .conftest import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_overrides(tmp_path) -> None:
@@ -71,9 +72,11 @@ def test_cli_missing_data_exits_2(tmp_path) -> None:
 
 
 def test_cli_empty_dataset_exits_2(tmp_path) -> None:
-    from maskray.data import write_shards
+    from maskray.data.manifest import write_manifest
 
-    write_shards([], tmp_path / "empty", progress=False)
+    (tmp_path / "empty").mkdir()
+    columns = {"shard": [], "key": [], "label": [], "nbytes": [], "sha256": []}
+    write_manifest(tmp_path / "empty", columns, num_classes=0, class_names=(), source="test")
     result = _pretrain("--set", f"data.shards={tmp_path / 'empty'}", cwd=tmp_path)
     assert result.returncode == 2 and "empty" in result.stderr
     assert result.stderr.strip().count("\n") == 0

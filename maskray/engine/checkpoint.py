@@ -23,7 +23,9 @@ ENCODER_FILE = "encoder.safetensors"
 CONFIG_FILE = "model.json"
 
 
-def save_checkpoint(engine, directory: str, step: int, run_id: str, encoder_weights: dict | None, config: Config) -> None:
+def save_checkpoint(
+    engine, directory: str, step: int, run_id: str, encoder_weights: dict | None, config: Config
+) -> None:
     """Write this rank's part of the checkpoint for ``step`` (optimizer steps done) into ``directory``.
 
     ``encoder_weights`` is given on rank 0 only.
@@ -32,7 +34,8 @@ def save_checkpoint(engine, directory: str, step: int, run_id: str, encoder_weig
         os.path.join(directory, DEEPSPEED_DIR), tag=f"step{step}", client_state={"step": step, "mlflow_run_id": run_id}
     )
     if encoder_weights is not None:
-        save_file({key: value.contiguous() for key, value in encoder_weights.items()}, os.path.join(directory, ENCODER_FILE))
+        weights = {key: value.contiguous() for key, value in encoder_weights.items()}
+        save_file(weights, os.path.join(directory, ENCODER_FILE))
         Path(directory, CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2))
 
 

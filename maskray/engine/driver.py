@@ -59,6 +59,7 @@ def run_pretraining(config: Config, run_name: str | None = None, max_steps: int 
 
     from maskray.engine.worker import train_loop_per_worker
 
+    config = config.resolved()
     validate_inputs(config)
     run_name = run_name or default_run_name(config)
     tracking_uri = config.tracking.resolved_uri()
@@ -70,7 +71,7 @@ def run_pretraining(config: Config, run_name: str | None = None, max_steps: int 
         **config.tracking.tags,
     }
     run_id, resumed = find_or_create_run(tracking_uri, config.tracking.experiment, run_name, config.flat(), tags)
-    storage = Path(config.tracking.storage_path).expanduser().resolve()
+    storage = Path(config.tracking.storage_path)
     storage.mkdir(parents=True, exist_ok=True)
 
     if not ray.is_initialized():

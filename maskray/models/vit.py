@@ -129,7 +129,8 @@ class MaskedViT(nn.Module):
         """images: (B, C, H, W) -> (B, 1+n, D) tokens with positions; n = K with ``ids_keep`` else L."""
         proj = self.vit.patch_embed.proj
         if replace_mask is None:
-            return embed_visible_patches(images, ids_keep, proj.weight, proj.bias, self.vit.pos_embed, self.vit.cls_token)
+            vit = self.vit
+            return embed_visible_patches(images, ids_keep, proj.weight, proj.bias, vit.pos_embed, vit.cls_token)
         if ids_keep is not None or mask_token is None:
             raise ValueError("replace_mask needs a mask_token and excludes ids_keep")
         tokens = self.vit.patch_embed(images)  # (B, L, D)
