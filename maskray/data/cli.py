@@ -1,0 +1,116 @@
+"""The ``launch/make_shards.py`` command: image folder, Parquet file or the digits demo -> shard directories."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from maskray.data.manifest import ShardSet
+from maskray.data.sources import Source, demo, image_folder, parquet_file, split_indices
+from maskray.data.writer import check_out_dir, write_shards
+from maskray.errors import DataError, MaskrayError
+
+DEMO_SAMPLES_PER_SHARD = 100  # ~9 shards per demo split, so ranks x loader workers all get shards
+SAMPLES_PER_SHARD = 1000
+SPLIT_SEED = 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="make_shards.py",
+        description="Write WebDataset shards plus manifest.parquet from an image folder (class subfolders "
+        "give labels), a .parquet file, or 'demo' (sklearn digits into OUT_DIR/train and OUT_DIR/test).",
+    )
+    parser.add_argument("source", metavar="SOURCE", help="an image folder, a .parquet file, or the word 'demo'")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing shards and manifest")
+    parser.add_argument(
+        "--samples-per-shard",
+        type=_positive_int,
+        default=None,
+        help=f"default {SAMPLES_PER_SHARD} ({DEMO_SAMPLES_PER_SHARD} for demo)",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="if > 0, write a random (stratified when labelled) split into OUT_DIR/train and OUT_DIR/test",
+    )
+    parser.add_argument("--image-column", default=None, help="Parquet image column (default: auto-detect)")
+    parser.add_argument("--label-column", default=None, help="Parquet label column (default: 'label' if present)")
+    return parser
+
+
+def make_shards(argv: Sequence[str] | None = None) -> list[ShardSet]:
+    """Run the command (raises MaskrayError on bad input); prints one summary line per written directory."""
+    args = build_parser().parse_args(argv)
+    if not 0.0 <= args.test_fraction < 1.0:
+        raise DataError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
+    out_dirs = _out_dirs(args)
+    for out_dir in out_dirs:
+        check_out_dir(out_dir, args.overwrite)  # refuse before reading the source or writing anything
+    default_per_shard = DEMO_SAMPLES_PER_SHARD if args.source == "demo" else SAMPLES_PER_SHARD
+    written = []
+    for out_dir, (source, indices) in zip(out_dirs, _plan(args), strict=True):
+        shards = write_shards(
+            source.samples(indices),
+            out_dir,
+            samples_per_shard=args.samples_per_shard or default_per_shard,
+            overwrite=args.overwrite,
+            total=len(indices),
+            class_names=source.class_names,
+            source=source.description,
+        )
+        print(f"{out_dir}: {shards.num_samples} samples, {len(shards.urls)} shards, {shards.num_classes} classes")
+        written.append(shards)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        make_shards(argv)
+    except MaskrayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def _out_dirs(args: argparse.Namespace) -> list[Path]:
+    """The shard directories to write: OUT_DIR/train and OUT_DIR/test for a split, else OUT_DIR."""
+    out = Path(args.out_dir)
+    return [out / "train", out / "test"] if args.source == "demo" or args.test_fraction > 0 else [out]
+
+
+def _plan(args: argparse.Namespace) -> list[tuple[Source, np.ndarray]]:
+    """(source, indices in write order) for each directory of ``_out_dirs(args)``."""
+    if args.source == "demo":
+        if args.test_fraction or args.image_column or args.label_column:
+            raise DataError("SOURCE: 'demo' has a fixed 50/50 split and no columns to choose")
+        return [(src, np.arange(src.total)) for src in (demo("train"), demo("test"))]
+    path = Path(args.source)
+    if path.is_dir():
+        if args.image_column or args.label_column:
+            raise DataError(f"SOURCE: --image-column/--label-column apply to .parquet files, not '{path}'")
+        source = image_folder(path)
+    elif path.suffix == ".parquet":
+        source = parquet_file(path, args.image_column, args.label_column)
+    elif path.exists():
+        raise DataError(f"SOURCE: '{path}' is neither a directory nor a .parquet file")
+    else:
+        raise DataError(f"SOURCE: '{path}' does not exist (expected an image folder, a .parquet file or 'demo')")
+    if args.test_fraction > 0:
+        train, test = split_indices(source.labels, args.test_fraction, seed=SPLIT_SEED)
+        return [(source, train), (source, test)]
+    # shuffled write order, so that shards of a class-sorted folder mix classes
+    return [(source, np.random.default_rng(SPLIT_SEED).permutation(source.total))]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -1,0 +1,119 @@
+"""The shard-directory format: WebDataset tars plus a Parquet manifest with one row per sample.
+
+A directory written by :func:`maskray.data.writer.write_shards` holds ``shard-000000.tar``, ... and
+``manifest.parquet`` with the columns ``shard`` (tar name relative to the directory), ``key``, ``label``
+(-1 when unlabelled), ``nbytes`` and ``sha256`` of the image bytes. The schema metadata stores
+``num_classes``, ``class_names`` (a JSON list) and a free-text ``source``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from maskray.errors import DataError
+
+MANIFEST_NAME = "manifest.parquet"
+SHARD_TEMPLATE = "shard-{:06d}.tar"
+SHARD_GLOB = "shard-*.tar"
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("label", pa.int64()),
+        ("nbytes", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A resolved shard directory: absolute tar paths (sorted) and their sample counts."""
+
+    root: str
+    urls: tuple[str, ...]
+    shard_sizes: tuple[int, ...]
+    num_samples: int
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    @property
+    def labelled(self) -> bool:
+        return self.num_classes > 0
+
+
+def write_manifest(
+    directory: str | os.PathLike,
+    columns: dict[str, Sequence],
+    *,
+    num_classes: int,
+    class_names: Sequence[str],
+    source: str,
+) -> None:
+    """Write ``manifest.parquet`` from per-sample ``columns`` (the names of ``MANIFEST_SCHEMA``)."""
+    metadata = {
+        "num_classes": str(num_classes),
+        "class_names": json.dumps(list(class_names)),
+        "source": source,
+    }
+    table = pa.table(columns, schema=MANIFEST_SCHEMA.with_metadata(metadata))
+    pq.write_table(table, os.path.join(directory, MANIFEST_NAME))
+
+
+def read_manifest(directory: str | os.PathLike, key: str = "data.shards") -> pa.Table:
+    """Read ``directory/manifest.parquet``; ``key`` names the config key in error messages."""
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise DataError(f"{key}: '{directory}' has no {MANIFEST_NAME} (write shards with launch/make_shards.py)")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{key}: cannot read '{path}': {_first_line(exc)}") from exc
+    missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise DataError(f"{key}: '{path}' lacks the column(s) {', '.join(missing)}")
+    return table
+
+
+def resolve_shards(spec: str, key: str = "data.shards") -> ShardSet:
+    """Resolve a shard directory ``spec`` into a :class:`ShardSet`, checking that every listed tar exists.
+
+    ``key`` names the config key (``data.shards``, ``eval.train_shards``, ...) in the one-line DataErrors.
+    """
+    root = os.path.abspath(os.path.expanduser(spec))
+    if not os.path.exists(root):
+        raise DataError(f"{key}: directory '{spec}' does not exist")
+    if not os.path.isdir(root):
+        raise DataError(f"{key}: '{spec}' is not a directory")
+    table = read_manifest(root, key)
+    if table.num_rows == 0:
+        raise DataError(f"{key}: '{spec}' is empty (0 samples)")
+    counts = pc.value_counts(table["shard"]).to_pylist()
+    sizes = dict(sorted((row["values"], row["counts"]) for row in counts))
+    for name in sizes:
+        if not os.path.isfile(os.path.join(root, name)):
+            raise DataError(f"{key}: shard '{name}' listed in {os.path.join(spec, MANIFEST_NAME)} is missing")
+    metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    class_names = tuple(json.loads(metadata.get("class_names", "[]")))
+    return ShardSet(
+        root=root,
+        urls=tuple(os.path.join(root, name) for name in sizes),
+        shard_sizes=tuple(sizes.values()),
+        num_samples=table.num_rows,
+        num_classes=int(metadata.get("num_classes", len(class_names))),
+        class_names=class_names,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,279 @@
+"""Streaming reader: WebDataset shards -> batches ``{"image", "label", "key", "skipped"}``.
+
+Shards are split over ``G = world_size * num_workers`` global loader workers, global worker id
+``rank * num_workers + worker_id`` (explicit, never from the environment, so it works under Ray).
+
+* Exact epochs (``resampled=False``): the shard list, shuffled from (seed, epoch) when
+  ``shuffle_buffer > 0``, is dealt out as shard i -> global worker i % G, so every sample is read once
+  per epoch across all ranks and workers; workers without a shard yield nothing. Ranks can get
+  different numbers of batches: the training loop counts steps itself (:func:`infinite_batches`).
+* Resampled (``resampled=True``): each global worker draws shards with replacement from a generator
+  seeded by (seed, epoch, global worker id); an epoch is ``steps_per_epoch`` batches on every rank.
+
+Decoding and transforms run in the loader workers. A sample that fails to decode or transform, and
+the samples a truncated or corrupt tar did not deliver (its manifest count minus the samples read),
+are skipped with a warning and counted in the ``skipped`` field of the worker's next batch, so the
+sum of ``skipped`` over an epoch is the number of samples lost in it (as long as the worker that
+lost them yields at least one batch).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from maskray.data.manifest import IMAGE_EXTS, ShardSet
+from maskray.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+def steps_per_epoch(shards: ShardSet, batch_size: int, world_size: int) -> int:
+    """Batches per rank in one epoch: ``num_samples // (world_size * batch_size)``, at least 1."""
+    return max(1, shards.num_samples // (world_size * batch_size))
+
+
+def build_loader(
+    shards: ShardSet,
+    transform: Callable[[Image.Image], torch.Tensor],
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 1,
+    resampled: bool = False,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = True,
+    multiprocessing_context: str | None = None,
+) -> Iterable[Batch]:
+    """A re-iterable loader over one epoch of this rank's batches.
+
+    Each batch: ``image`` (B, C, H, W) float, ``label`` (B,) int64 (-1 when unlabelled), ``key``
+    list[str] and ``skipped`` int. ``shuffle_buffer > 0`` shuffles the shard order (exact epochs) and
+    the samples within each worker through a buffer of that size. ``num_workers=0`` reads in-process.
+    In resampled mode the epoch is ``steps_per_epoch(shards, batch_size, world_size)`` full batches.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pipeline = wds.DataPipeline(
+        _WorkerShards(shards, rank, world_size, resampled, shuffle_buffer > 0, seed, epoch),
+        _read_tars,
+        _Shuffle(shuffle_buffer, rank, world_size, seed, epoch) if shuffle_buffer > 0 else None,
+        _Decode(transform),
+        _Batch(batch_size, drop_last),
+    )
+    loader = wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+    )
+    if resampled:
+        loader = loader.with_epoch(steps_per_epoch(shards, batch_size, world_size))
+    return loader
+
+
+def infinite_batches(
+    shards: ShardSet,
+    transform: Callable[[Image.Image], torch.Tensor],
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 1,
+    resampled: bool = False,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    start_epoch: int = 0,
+    multiprocessing_context: str | None = None,
+) -> Iterator[Batch]:
+    """Full batches from epochs ``start_epoch``, ``start_epoch + 1``, ... forever, each epoch re-seeded.
+
+    The caller counts steps, so ranks stay in step even when their exact epochs differ in length.
+    Raises DataError if this rank gets no full batch in an epoch (too few or too small shards).
+    """
+    for epoch in itertools.count(start_epoch):
+        loader = build_loader(
+            shards,
+            transform,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            resampled=resampled,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            epoch=epoch,
+            drop_last=True,
+            multiprocessing_context=multiprocessing_context,
+        )
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise DataError(
+                f"data.shards: rank {rank} read no full batch of {batch_size} from '{shards.root}' in epoch "
+                f"{epoch} ({len(shards.urls)} shards over {world_size} ranks x {max(num_workers, 1)} "
+                f"workers); write more or smaller shards, lower the batch size or use resampling"
+            )
+
+
+def _global_worker(rank: int, world_size: int) -> tuple[int, int]:
+    """(global worker id, number of global workers) of the calling loader worker (in-process: 1 worker)."""
+    info = get_worker_info()
+    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * num_workers + worker, world_size * num_workers
+
+
+@dataclass(frozen=True)
+class _Skipped:
+    """Stream marker: ``count`` samples were lost upstream."""
+
+    count: int
+
+
+class _WorkerShards(IterableDataset):
+    """The (tar path, expected sample count) pairs that the calling global worker reads this epoch."""
+
+    def __init__(
+        self, shards: ShardSet, rank: int, world_size: int, resampled: bool, shuffle: bool, seed: int, epoch: int
+    ):
+        super().__init__()
+        self.shards = list(zip(shards.urls, shards.shard_sizes, strict=True))
+        self.rank, self.world_size = rank, world_size
+        self.resampled, self.shuffle = resampled, shuffle
+        self.seed, self.epoch = seed, epoch
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        worker, num_global = _global_worker(self.rank, self.world_size)
+        if self.resampled:
+            rng = np.random.default_rng([self.seed, self.epoch, worker])
+            while True:
+                yield self.shards[rng.integers(len(self.shards))]
+        order = np.arange(len(self.shards))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+        for i in order[worker::num_global]:
+            yield self.shards[i]
+
+
+def _read_tars(shards: Iterable[tuple[str, int]]) -> Iterator[dict | _Skipped]:
+    """Raw samples (``__key__``, ``__url__``, ``png``/``cls``/...) of each tar, then a :class:`_Skipped`
+    marker for the samples a truncated or corrupt tar did not deliver."""
+    for url, expected in shards:
+        read, error = 0, ""
+        try:
+            with open(url, "rb") as stream:
+                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                    read += 1
+                    yield sample
+        except Exception as exc:  # a read error loses the rest of this shard only
+            error = f" ({_reason(exc)})"
+        if read < expected:
+            logger.warning("shard '%s': read %d of %d samples%s; skipping the rest", url, read, expected, error)
+            yield _Skipped(expected - read)
+
+
+class _Shuffle:
+    """Shuffle buffer over raw samples, seeded by (seed, epoch, global worker id)."""
+
+    def __init__(self, bufsize: int, rank: int, world_size: int, seed: int, epoch: int):
+        self.bufsize, self.rank, self.world_size = bufsize, rank, world_size
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, samples: Iterator[dict | _Skipped]) -> Iterator[dict | _Skipped]:
+        worker, _ = _global_worker(self.rank, self.world_size)
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, worker]).generate_state(1)[0])
+        return wds.shuffle(self.bufsize, initial=self.bufsize, seed=seed)(samples)
+
+
+class _Decode:
+    """Raw sample -> ``{"image": transform(PIL image), "label", "key"}``; failures become ``_Skipped(1)``."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]):
+        self.transform = transform
+
+    def __call__(self, samples: Iterable[dict | _Skipped]) -> Iterator[dict | _Skipped]:
+        for sample in samples:
+            if isinstance(sample, _Skipped):
+                yield sample
+                continue
+            key = sample["__key__"]
+            try:
+                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                if ext is None:
+                    raise ValueError(f"no image member ({'/'.join(IMAGE_EXTS)})")
+                with Image.open(io.BytesIO(sample[ext])) as image:
+                    tensor = self.transform(image)
+                label = int(sample["cls"]) if "cls" in sample else -1
+            except Exception as exc:  # warn and continue, like wds.warn_and_continue
+                shard = os.path.basename(sample["__url__"])
+                logger.warning("skipping sample '%s' in shard '%s': %s", key, shard, exc)
+                yield _Skipped(1)
+                continue
+            yield {"image": tensor, "label": label, "key": key}
+
+
+class _Batch:
+    """Collate decoded samples into batches, summing ``_Skipped`` markers into ``skipped``.
+
+    One full batch is held back so that losses after the last batch are still counted: they are
+    added to the final batch (or to the partial batch when ``drop_last`` is false).
+    """
+
+    def __init__(self, batch_size: int, drop_last: bool):
+        self.batch_size, self.drop_last = batch_size, drop_last
+
+    def __call__(self, samples: Iterable[dict | _Skipped]) -> Iterator[Batch]:
+        held: Batch | None = None
+        items: list[dict] = []
+        skipped = 0
+        for sample in samples:
+            if isinstance(sample, _Skipped):
+                skipped += sample.count
+                continue
+            items.append(sample)
+            if len(items) == self.batch_size:
+                if held is not None:
+                    yield held
+                held, items, skipped = _collate(items, skipped), [], 0
+        if items and not self.drop_last:
+            if held is not None:
+                yield held
+            held, skipped = _collate(items, skipped), 0
+        if held is not None:
+            held["skipped"] += skipped
+            yield held
+
+
+def _reason(exc: Exception) -> str:
+    """The first argument of an exception (webdataset appends the stream and url to ``args``)."""
+    return f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
+
+
+def _collate(items: list[dict], skipped: int) -> Batch:
+    return {
+        "image": torch.stack([item["image"] for item in items]),
+        "label": torch.tensor([item["label"] for item in items], dtype=torch.int64),
+        "key": [item["key"] for item in items],
+        "skipped": skipped,
+    }

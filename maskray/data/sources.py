@@ -1,0 +1,227 @@
+"""Datasets that can be converted into shards: an image folder, a Parquet file, or the sklearn digits demo.
+
+Each function returns a :class:`Source`: labels and class names are known up front (for stratified
+splits and the manifest), images are loaded one at a time in any order (``Source.samples(indices)``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from maskray.data.writer import Sample, sanitise_key
+from maskray.errors import DataError
+
+FOLDER_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_KEPT_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}  # stored as-is; anything else becomes PNG
+
+
+@dataclass(frozen=True, eq=False)
+class Source:
+    """A dataset to shard: ``labels`` is (N,) int64 with -1 for unlabelled items; ``load(i)`` reads item i."""
+
+    description: str
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    load: Callable[[int], Sample]
+
+    @property
+    def total(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def samples(self, indices: Iterable[int] | None = None) -> Iterator[Sample]:
+        """Yield the items at ``indices`` (default: all, in source order)."""
+        for i in range(self.total) if indices is None else indices:
+            yield self.load(int(i))
+
+
+def split_indices(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled (train, test) index arrays, stratified by label when every label occurs at least twice."""
+    from sklearn.model_selection import train_test_split
+
+    _, counts = np.unique(labels, return_counts=True)
+    stratify = labels if (labels >= 0).any() and counts.min() >= 2 else None
+    try:
+        train, test = train_test_split(
+            np.arange(len(labels)), test_size=test_fraction, stratify=stratify, random_state=seed
+        )
+    except ValueError as exc:
+        raise DataError(f"--test-fraction {test_fraction}: cannot split {len(labels)} samples: {exc}") from exc
+    return train, test
+
+
+def image_folder(path: str | Path) -> Source:
+    """Images under ``path`` (recursive; png/jpg/jpeg/webp/bmp, hidden entries ignored).
+
+    Images inside a top-level subfolder get that subfolder's index among the sorted subfolders as
+    label (class names = subfolder names); images directly in ``path`` are unlabelled. Keys are the
+    relative paths without suffix, with ``/`` and ``.`` turned into ``_``.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"SOURCE: image folder '{path}' does not exist or is not a directory")
+    files = sorted(
+        p.relative_to(root)
+        for p in root.rglob("*")
+        if p.suffix.lower() in FOLDER_EXTS
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise DataError(f"SOURCE: no images ({', '.join(FOLDER_EXTS)}) found under '{path}'")
+    class_names = tuple(sorted({f.parts[0] for f in files if len(f.parts) > 1}))
+    class_index = {name: i for i, name in enumerate(class_names)}
+    labels = np.array([class_index[f.parts[0]] if len(f.parts) > 1 else -1 for f in files], dtype=np.int64)
+    keys = [sanitise_key(f.with_suffix("").as_posix()) for f in files]
+    first: dict[str, Path] = {}
+    for key, f in zip(keys, files, strict=True):
+        if key in first:
+            raise DataError(f"SOURCE: '{first[key]}' and '{f}' in '{path}' both map to sample key '{key}'")
+        first[key] = f
+
+    def load(i: int) -> Sample:
+        image, ext = _encoded((root / files[i]).read_bytes(), f"'{root / files[i]}'")
+        return Sample(key=keys[i], image=image, ext=ext, label=None if labels[i] < 0 else int(labels[i]))
+
+    return Source(f"image folder {root.resolve()}", labels, class_names, load)
+
+
+def parquet_file(path: str | Path, image_column: str | None = None, label_column: str | None = None) -> Source:
+    """Rows of a Parquet file (read into memory) as samples keyed ``row00000000``, ...
+
+    The image column defaults to the first binary column or the first struct column with a binary
+    ``bytes`` field (how HuggingFace stores images); the label column defaults to ``label`` when present.
+    Integer labels keep their values (class names from HuggingFace ``ClassLabel`` metadata when present,
+    else ``"0"``, ``"1"``, ...); string labels are numbered in sorted order. Null labels are unlabelled.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"SOURCE: parquet file '{path}' does not exist")
+    try:
+        schema = pq.read_schema(file)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"SOURCE: cannot read '{path}' as Parquet: {exc}") from exc
+    image_column = image_column or _find_image_column(schema, path)
+    if label_column is None and "label" in schema.names:
+        label_column = "label"
+    for name in (image_column, label_column):
+        if name is not None and name not in schema.names:
+            raise DataError(f"SOURCE: column '{name}' not in '{path}' (columns: {', '.join(schema.names)})")
+    table = pq.read_table(file, columns=[c for c in (image_column, label_column) if c is not None])
+    if table.num_rows == 0:
+        raise DataError(f"SOURCE: '{path}' has no rows")
+    images = table[image_column]
+    if pa.types.is_struct(images.type):
+        images = pc.struct_field(images, "bytes")
+    if not (pa.types.is_binary(images.type) or pa.types.is_large_binary(images.type)):
+        raise DataError(f"SOURCE: column '{image_column}' of '{path}' does not hold image bytes ({images.type})")
+    if label_column is None:
+        labels, class_names = np.full(table.num_rows, -1, dtype=np.int64), ()
+    else:
+        labels, class_names = _parquet_labels(table[label_column], schema, label_column, path)
+
+    def load(i: int) -> Sample:
+        data = images[i].as_py()
+        if data is None:
+            raise DataError(f"SOURCE: row {i} of '{path}' has no image in column '{image_column}'")
+        image, ext = _encoded(data, f"in row {i} of '{path}'")
+        return Sample(key=f"row{i:08d}", image=image, ext=ext, label=None if labels[i] < 0 else int(labels[i]))
+
+    return Source(f"parquet {file.resolve()} column {image_column}", labels, class_names, load)
+
+
+def demo(split: str) -> Source:
+    """scikit-learn's digits (1,797 8x8 images, values 0..16), stratified 50/50 split (random_state=0).
+
+    Images are stored as 8-bit grayscale PNG at 8x8 (values scaled 0..16 -> 0..255); labels 0..9.
+    ``split`` is ``"train"`` (898 images) or ``"test"`` (899 images).
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"SOURCE: demo split must be 'train' or 'test', got '{split}'")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+    all_labels = digits.target.astype(np.int64)
+    train, test = split_indices(all_labels, 0.5, seed=0)
+    index = train if split == "train" else test
+
+    def load(i: int) -> Sample:
+        j = int(index[i])
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[j]).save(buffer, format="PNG")
+        return Sample(key=f"digits_{j:04d}", image=buffer.getvalue(), ext="png", label=int(all_labels[j]))
+
+    description = f"sklearn load_digits, {split} half of a stratified 50/50 split (random_state=0)"
+    return Source(description, all_labels[index], tuple(str(c) for c in range(10)), load)
+
+
+def _find_image_column(schema: pa.Schema, path: str | Path) -> str:
+    for field in schema:
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            return field.name
+        if pa.types.is_struct(field.type):
+            inner = field.type.field("bytes") if field.type.get_field_index("bytes") >= 0 else None
+            if inner is not None and (pa.types.is_binary(inner.type) or pa.types.is_large_binary(inner.type)):
+                return field.name
+    raise DataError(f"SOURCE: no image column (binary, or struct with 'bytes') in '{path}'; pass --image-column")
+
+
+def _parquet_labels(
+    column: pa.ChunkedArray, schema: pa.Schema, name: str, path: str | Path
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(labels (N,) int64 with -1 for nulls, class names) from a Parquet label column."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        values = column.to_pylist()
+        names = tuple(sorted({v for v in values if v is not None}))
+        index = {v: i for i, v in enumerate(names)}
+        return np.array([-1 if v is None else index[v] for v in values], dtype=np.int64), names
+    if not pa.types.is_integer(column.type):
+        raise DataError(f"SOURCE: label column '{name}' of '{path}' has type {column.type}, not int or string")
+    labels = column.fill_null(-1).to_numpy().astype(np.int64)
+    if (labels < -1).any():
+        raise DataError(f"SOURCE: label column '{name}' of '{path}' has negative labels")
+    names = _huggingface_class_names(schema, name)
+    if not names and (labels >= 0).any():
+        names = tuple(str(c) for c in range(int(labels.max()) + 1))
+    if names and labels.max() >= len(names):
+        raise DataError(f"SOURCE: label {labels.max()} in '{path}' exceeds its {len(names)} class names")
+    return labels, names
+
+
+def _huggingface_class_names(schema: pa.Schema, name: str) -> tuple[str, ...]:
+    """Class names of a HuggingFace ``ClassLabel`` feature stored in the schema metadata, if any."""
+    raw = (schema.metadata or {}).get(b"huggingface")
+    if raw is None:
+        return ()
+    feature = json.loads(raw).get("info", {}).get("features", {}).get(name, {})
+    return tuple(feature.get("names", ())) if feature.get("_type") == "ClassLabel" else ()
+
+
+def _encoded(data: bytes, where: str) -> tuple[bytes, str]:
+    """(bytes, ext): PNG/JPEG/WebP bytes unchanged, any other image format re-encoded as PNG."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            ext = _KEPT_FORMATS.get(image.format)
+            if ext is not None:
+                return data, ext
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            return buffer.getvalue(), "png"
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"SOURCE: cannot decode image {where}: {exc}") from exc

@@ -1,0 +1,52 @@
+"""Image transforms run inside the loader workers (module-level classes, so they pickle for forkserver)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageTransform:
+    """PIL image -> normalised float tensor (C, img_size, img_size), C = ``in_chans`` (3: RGB, 1: grey).
+
+    Train: RandomResizedCrop(img_size, scale=crop_scale, bicubic) and, if ``hflip``, a random horizontal
+    flip (the MAE recipe). Eval: resize the shorter side to img_size (bicubic) and center-crop, which
+    is a plain resize for square images. With ``in_chans=1`` and 3-channel ``mean``/``std`` (the
+    ImageNet defaults) the channel averages are used.
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        train: bool,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        hflip: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        in_chans: int = 3,
+    ):
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        if in_chans == 1 and len(mean) == 3:
+            mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+        self.mode = "RGB" if in_chans == 3 else "L"
+        bicubic = T.InterpolationMode.BICUBIC
+        if train:
+            geometry = [T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=bicubic)]
+            if hflip:
+                geometry.append(T.RandomHorizontalFlip())
+        else:
+            geometry = [T.Resize(img_size, interpolation=bicubic), T.CenterCrop(img_size)]
+        self.transform = T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image.convert(self.mode))
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(mode={self.mode}, {self.transform})"
