@@ -57,6 +57,10 @@ class Objective(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} must implement forward")
 
+    def figures(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Diagnostic matplotlib figures for a batch, ``{filename.png: figure}``. Default: none."""
+        return {}
+
     def after_optimizer_step(self, step: int) -> None:
         """Hook after each optimizer step (EMA teachers, schedules). Default: nothing."""
 

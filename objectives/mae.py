@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from maskray.masking import masked_patch_loss, num_visible, random_mask_indices
+from maskray.masking import masked_patch_loss, num_visible, patchify, random_mask_indices, unpatchify
 from maskray.models import MAEDecoder, MaskedViT
 from maskray.objective import Objective, ObjectiveOutput, ObjectiveParams, register_objective
 
@@ -50,3 +50,25 @@ class MAE(Objective):
         pred = self.decoder(latent, masking.ids_restore)  # (B, L, p*p*C)
         loss = masked_patch_loss(pred, images, masking.mask, self.encoder.patch_size, self.params.norm_pix)
         return ObjectiveOutput(loss=loss, metrics={"mask_ratio": masking.mask.mean().detach()})
+
+    @torch.no_grad()
+    def figures(self, batch: dict[str, torch.Tensor], count: int = 8) -> dict[str, object]:
+        """``reconstructions.png``: input, visible patches, reconstruction (visible patches pasted back)."""
+        from maskray.tracking.figures import image_rows_figure
+
+        images = batch["image"][:count]
+        patch, grid, channels = self.encoder.patch_size, self.encoder.grid_size, self.encoder.in_chans
+        masking = random_mask_indices(torch.rand(images.shape[0], self.encoder.num_patches, device=images.device),
+                                      self.num_keep)
+        pred = self.decoder(self.encoder.forward_tokens(images, ids_keep=masking.ids_keep).tokens, masking.ids_restore)
+        target = patchify(images, patch).float()
+        pred = pred.float()
+        if self.params.norm_pix:  # undo the per-patch normalisation with the true patch statistics
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+        removed = masking.mask.unsqueeze(-1)
+        rows = {
+            "input": images,
+            "visible": unpatchify(target * (1 - removed), patch, grid, channels),
+            "reconstruction": unpatchify(target * (1 - removed) + pred * removed, patch, grid, channels),
+        }
+        return {"reconstructions.png": image_rows_figure(rows)}

@@ -61,5 +61,5 @@ def test_demo_pretraining_beats_random_init(ray_session, demo_shards, tmp_path) 
     assert metrics["knn_top1"] - metrics["knn_top1_random_init"] >= 8.0, metrics
     client = MlflowClient(config.tracking.resolved_uri())
     artifacts = [a.path for a in client.list_artifacts(result.run_id)]
-    assert "loss_curve.png" in artifacts
+    assert {"loss_curve.png", "reconstructions.png"} <= set(artifacts)
     assert {"loss", "images_per_s", "data_wait_frac", "skipped_samples", "lr"} <= set(metrics)

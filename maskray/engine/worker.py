@@ -178,5 +178,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             transform = eval_transform(config.model, config.data)
             logger.log_metrics(knn_metrics(trained, eval_sets, config.eval, transform, device), last_step)
         logger.log_figure(loss_curve_figure(logger), "loss_curve.png")
+        if engine.zero_optimization_stage() < 3:  # rank 0 holds every parameter
+            for filename, figure in objective.figures(to_device(batch, device, dtype)).items():
+                logger.log_figure(figure, filename)
     if dist.is_initialized():
         dist.barrier()
