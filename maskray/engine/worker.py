@@ -9,6 +9,7 @@ created and runs the k-NN evaluation (random init before the first step, pretrai
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -158,8 +159,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if logger:
                 lr = engine.get_lr()[0]
                 logger.log_metrics({**window, "lr": lr, "skipped_samples": skipped_total}, done)
+                # the raw stream: Ray Train's patched print would tee this line twice
                 print(f"[rank 0] step {done}/{config.train.steps} loss {window['loss']:.4f} "
-                      f"lr {lr:.2e} {window['images_per_s']:.0f} img/s", flush=True)
+                      f"lr {lr:.2e} {window['images_per_s']:.0f} img/s", file=sys.__stdout__, flush=True)
             stats.reset()
         if done % config.train.checkpoint_every == 0 or done == last_step:
             weights = encoder_state(engine, objective)
