@@ -1,0 +1,332 @@
+"""Evaluate a pretrained encoder as a Ray task and log the results into its MLflow run.
+
+Target resolution (:func:`resolve_target`):
+
+- ``run_id``: the MLflow run's param ``tracking.storage_path`` and tag ``maskray.run_name`` locate the Ray
+  storage ``<storage_path>/<run_name>/checkpoint_*``; the checkpoint with the highest step (``ds/latest`` names
+  the DeepSpeed tag ``step<N>``) and an ``encoder.safetensors`` is evaluated.
+- ``checkpoint``: a checkpoint directory (``encoder.safetensors`` + ``model.json``); its run is the one tagged
+  with the checkpoint's Ray run name (the parent directory) in the config's experiment, created once if missing.
+
+Evaluations (``EVALUATIONS``): ``knn`` (DINO weighted k-NN, :func:`~maskray.eval.protocol.knn_metrics`),
+``linear_probe`` (MAE head, SGD, :mod:`maskray.eval.linear_probe`; plus the same-seed random-init encoder,
+logged at step 0 as ``linear_*_random_init`` like the k-NN baseline of training) and ``diagnostics``
+(:mod:`maskray.eval.diagnostics` on the first ``diag_images`` images of ``eval.test_shards``, else
+``data.shards``). Fine-tuning is not implemented.
+
+Logging: the driver validates the inputs, runs :func:`evaluate_checkpoint` as one Ray task (1 CPU, a GPU only
+when the cluster has one), then logs every metric on the **parent run** at the checkpoint's step and again in
+one **nested run per evaluation** (tags ``mlflow.parentRunId``, ``maskray.eval = <kind>`` and
+``maskray.eval_settings = <hash of the protocol settings>``, which are also its params). Re-evaluating finds
+those nested runs again by their tags and appends to them: no new top-level run, no duplicate child.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from maskray.config import Config, TrackingConfig
+from maskray.data import ShardSet, build_loader, resolve_shards
+from maskray.engine.checkpoint import CONFIG_FILE, DEEPSPEED_DIR, ENCODER_FILE, encoder_from_state
+from maskray.errors import ConfigError, MaskrayError
+from maskray.eval.diagnostics import Diagnostics, diagnose, diagnostic_figure
+from maskray.eval.features import extract_features
+from maskray.eval.linear_probe import LinearProbeConfig, probe_metrics
+from maskray.eval.protocol import eval_shard_sets, eval_transform, knn_metrics
+from maskray.models import MaskedViT, build_encoder
+from maskray.tracking import RunLogger, find_or_create_run
+from maskray.tracking.compare import check_store, store_exists
+from maskray.tracking.mlflow_run import RUN_NAME_TAG
+
+EVALUATIONS = ("knn", "linear_probe", "diagnostics")
+PARENT_TAG = "mlflow.parentRunId"
+EVAL_TAG = "maskray.eval"
+SETTINGS_TAG = "maskray.eval_settings"
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """A checkpoint directory, the optimizer step it was saved at, and the MLflow run it belongs to."""
+
+    checkpoint: Path
+    step: int
+    tracking_uri: str
+    run_id: str | None
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Which evaluations to run and their protocol knobs (k-NN's come from the run's ``eval`` config)."""
+
+    kinds: tuple[str, ...] = EVALUATIONS
+    probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    diag_images: int = 64
+    train_shards: str | None = None
+    test_shards: str | None = None
+
+
+@dataclass
+class EvalOutput:
+    """What the Ray task returns: metrics per evaluation kind (at the checkpoint's step), random-init probe
+    metrics (step 0) and the diagnostics arrays."""
+
+    metrics: dict[str, dict[str, float]]
+    random_init: dict[str, float]
+    diagnostics: Diagnostics | None
+
+
+def checkpoint_step(directory: Path) -> int | None:
+    """The step of a maskray checkpoint from ``ds/latest`` (``step<N>``), None when it has none."""
+    latest = directory / DEEPSPEED_DIR / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The ``checkpoint_*`` directory of a Ray run directory with the highest step that holds an encoder."""
+    candidates = [path for path in run_dir.glob("checkpoint_*") if (path / ENCODER_FILE).is_file()]
+    if not candidates:
+        raise ConfigError(f"no checkpoint with {ENCODER_FILE} under '{run_dir}'")
+    return max(candidates, key=lambda path: (checkpoint_step(path) or -1, path.name))
+
+
+def find_run(client: MlflowClient, experiment: str, run_name: str) -> str | None:
+    """The id of the run tagged ``maskray.run_name = run_name`` in ``experiment``, if any."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def read_checkpoint_config(checkpoint: Path) -> Config:
+    """The run config stored in a checkpoint directory (ConfigError when it is not a maskray checkpoint)."""
+    for name in (CONFIG_FILE, ENCODER_FILE):
+        if not (checkpoint / name).is_file():
+            raise ConfigError(f"--checkpoint: '{checkpoint}' has no {name} (not a maskray checkpoint)")
+    return Config.model_validate(json.loads((checkpoint / CONFIG_FILE).read_text()))
+
+
+def resolve_target(
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    checkpoint: str | Path | None = None,
+    create_run: bool = True,
+) -> EvalTarget:
+    """Resolve ``run_id`` and/or ``checkpoint`` into an :class:`EvalTarget` (see the module docstring).
+
+    ``tracking_uri`` None: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db`` for a run id, the
+    checkpoint config's store otherwise. With ``create_run=False`` a checkpoint without a run (or store) gets
+    ``run_id`` None instead of a new run.
+    """
+    if run_id is None and checkpoint is None:
+        raise ConfigError("give --run-id or --checkpoint")
+    if run_id is None:
+        path = Path(checkpoint).expanduser().resolve()
+        config = read_checkpoint_config(path)
+        uri = tracking_uri or config.tracking.resolved_uri()
+        if not create_run and not store_exists(uri):
+            return EvalTarget(path, checkpoint_step(path) or 0, uri, None)
+        client = MlflowClient(uri)
+        run_name = path.parent.name
+        run_id = find_run(client, config.tracking.experiment, run_name)
+        if run_id is None and create_run:
+            tags = {"objective": config.objective.name, "backbone": config.model.arch,
+                    "dataset": Path(config.data.shards).name or config.data.shards, **config.tracking.tags}
+            run_id, _ = find_or_create_run(uri, config.tracking.experiment, run_name, config.flat(), tags)
+            client.set_terminated(run_id, "FINISHED")
+        return EvalTarget(path, _step(path, client, run_id), uri, run_id)
+
+    uri = tracking_uri or TrackingConfig().resolved_uri()
+    check_store(uri)
+    client = MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"--run-id: run '{run_id}' not found in {uri}") from None
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser().resolve()
+        read_checkpoint_config(path)
+    else:
+        storage = run.data.params.get("tracking.storage_path")
+        run_name = run.data.tags.get(RUN_NAME_TAG)
+        if storage is None or run_name is None:
+            raise ConfigError(
+                f"--run-id: run '{run_id}' has no param tracking.storage_path or tag {RUN_NAME_TAG}; pass --checkpoint"
+            )
+        path = latest_checkpoint(Path(storage).expanduser().resolve() / run_name)
+    return EvalTarget(path, _step(path, client, run_id), uri, run_id)
+
+
+def _step(checkpoint: Path, client: MlflowClient, run_id: str | None) -> int:
+    """The checkpoint's step, else the run's last ``loss`` step, else 0."""
+    step = checkpoint_step(checkpoint)
+    if step is not None:
+        return step
+    history = client.get_metric_history(run_id, "loss") if run_id else []
+    return max((metric.step for metric in history), default=0)
+
+
+def first_images(shard_set: ShardSet, config: Config, count: int) -> torch.Tensor:
+    """(count, C, H, W): the first ``count`` images of a shard set through the eval transform."""
+    transform = eval_transform(config.model, config.data)
+    loader = build_loader(shard_set, transform, batch_size=count, num_workers=0, drop_last=False)
+    return next(iter(loader))["image"][:count]
+
+
+def _probe(
+    encoder: MaskedViT,
+    shard_sets: tuple[ShardSet, ShardSet],
+    config: Config,
+    probe: LinearProbeConfig,
+    device: str,
+) -> dict[str, float]:
+    transform = eval_transform(config.model, config.data)
+    train = extract_features(encoder, shard_sets[0], transform, config.eval.batch_size, device)
+    test = extract_features(encoder, shard_sets[1], transform, config.eval.batch_size, device)
+    num_classes = max(shard_sets[0].num_classes, int(train[1].max()) + 1)
+    return probe_metrics(train, test, num_classes, config.eval.feature, probe)
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    config: Config,
+    settings: EvalSettings,
+    shard_sets: tuple[ShardSet, ShardSet] | None,
+    diag_set: ShardSet | None,
+) -> EvalOutput:
+    """The Ray task body: load the encoder, run the evaluations in ``settings.kinds`` (inputs already validated)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = encoder_from_state(config, load_file(str(Path(checkpoint) / ENCODER_FILE))).to(device)
+    metrics: dict[str, dict[str, float]] = {}
+    random_init: dict[str, float] = {}
+    diagnostics = None
+    if "knn" in settings.kinds:
+        transform = eval_transform(config.model, config.data)
+        metrics["knn"] = knn_metrics(encoder, shard_sets, config.eval, transform, device)
+    if "linear_probe" in settings.kinds:
+        metrics["linear_probe"] = _probe(encoder, shard_sets, config, settings.probe, device)
+        if config.eval.random_init:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.train.seed)  # the training worker's initial encoder
+                baseline = build_encoder(config.model).to(device)
+            probe = _probe(baseline, shard_sets, config, settings.probe, device)
+            random_init = {f"{key}_random_init": value for key, value in probe.items()}
+    if "diagnostics" in settings.kinds:
+        diagnostics = diagnose(encoder, first_images(diag_set, config, settings.diag_images))
+        metrics["diagnostics"] = diagnostics.metrics()
+    return EvalOutput(metrics, random_init, diagnostics)
+
+
+def _settings_by_kind(config: Config, settings: EvalSettings, shard_sets, diag_set) -> dict[str, dict[str, Any]]:
+    """The protocol settings of each evaluation: params of its nested run and the key it is found by."""
+    data = {} if shard_sets is None else {"train_shards": shard_sets[0].root, "test_shards": shard_sets[1].root}
+    by_kind = {
+        "knn": {"k": config.eval.knn_k, "temperature": config.eval.knn_temperature,
+                "feature": config.eval.feature, **data},
+        "linear_probe": {"optimizer": "sgd", **asdict(settings.probe), "feature": config.eval.feature, **data},
+        "diagnostics": {"images": settings.diag_images, "shards": diag_set.root if diag_set else ""},
+    }
+    return {kind: by_kind[kind] for kind in settings.kinds}
+
+
+def _nested_run(client: MlflowClient, parent, kind: str, settings: dict[str, Any]) -> str:
+    """Find (by parent, kind and settings hash) or create the nested run of one evaluation."""
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    experiment_id = parent.info.experiment_id
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and tags.`{EVAL_TAG}` = '{kind}' "
+        f"and tags.`{SETTINGS_TAG}` = '{key}'",
+        max_results=1,
+    )
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {PARENT_TAG: parent.info.run_id, EVAL_TAG: kind, SETTINGS_TAG: key}
+    child = client.create_run(experiment_id, run_name=f"{parent.info.run_name}-{kind}", tags=tags)
+    client.log_batch(child.info.run_id, params=[Param(name, str(value)) for name, value in settings.items()])
+    return child.info.run_id
+
+
+def log_evaluation(target: EvalTarget, output: EvalOutput, settings: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Log ``output`` into the target run and its nested runs; returns every metric logged on the parent."""
+    client = MlflowClient(target.tracking_uri)
+    parent = client.get_run(target.run_id)
+    parent_logger = RunLogger(target.tracking_uri, target.run_id)
+    logged: dict[str, float] = {}
+    for kind, metrics in output.metrics.items():
+        child_logger = RunLogger(target.tracking_uri, _nested_run(client, parent, kind, settings[kind]))
+        for logger in (parent_logger, child_logger):
+            logger.log_metrics(metrics, target.step)
+            if kind == "linear_probe" and output.random_init:
+                logger.log_metrics(output.random_init, 0)
+        logged.update(metrics)
+        if kind == "linear_probe":
+            logged.update(output.random_init)
+        if kind == "diagnostics":
+            buffer = io.BytesIO()
+            title = f"{parent.info.run_name} @ step {target.step}"
+            diagnostic_figure(output.diagnostics, title).savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+            child_logger.log_bytes(buffer.getvalue(), "diagnostics.png")
+            child_logger.log_bytes(json.dumps(output.diagnostics.to_json()).encode(), "diagnostics.json")
+            parent_logger.log_bytes(buffer.getvalue(), "diagnostics.png", artifact_path="eval")
+        client.set_terminated(child_logger.run_id, "FINISHED")
+    parent_logger.set_tags({"maskray.eval_checkpoint": str(target.checkpoint), "maskray.eval_step": target.step})
+    return logged
+
+
+def evaluate(target: EvalTarget, settings: EvalSettings = EvalSettings()) -> dict[str, float]:
+    """Validate the inputs, run :func:`evaluate_checkpoint` as a Ray task (a local Ray is started when none
+    is running), log into the target run; returns the metrics logged on it."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    unknown = sorted(set(settings.kinds) - set(EVALUATIONS))
+    if unknown or not settings.kinds:
+        raise ConfigError(f"--only: unknown evaluation(s) {unknown or '(none given)'}; choose from {EVALUATIONS}")
+    if target.run_id is None:
+        raise ConfigError(f"checkpoint '{target.checkpoint}' has no MLflow run to log into")
+    config = read_checkpoint_config(target.checkpoint)
+    if settings.train_shards:
+        config.eval.train_shards = settings.train_shards
+    if settings.test_shards:
+        config.eval.test_shards = settings.test_shards
+    shard_sets = None
+    if {"knn", "linear_probe"} & set(settings.kinds):
+        shard_sets = eval_shard_sets(config.eval)
+        if shard_sets is None:
+            raise ConfigError("eval.train_shards / eval.test_shards are not set: pass --train-shards and --test-shards")
+    diag_set = None
+    if "diagnostics" in settings.kinds:
+        if config.eval.test_shards:
+            diag_set = resolve_shards(config.eval.test_shards, key="eval.test_shards")
+        else:
+            diag_set = resolve_shards(config.data.shards, key="data.shards")
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}}, log_to_driver=True)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_checkpoint)
+    try:
+        output = ray.get(task.remote(str(target.checkpoint), config, settings, shard_sets, diag_set))
+    except RayTaskError as err:
+        if isinstance(err.cause, MaskrayError):
+            raise err.cause from None
+        raise
+    return log_evaluation(target, output, _settings_by_kind(config, settings, shard_sets, diag_set))
