@@ -47,7 +47,7 @@ from maskray.eval.protocol import eval_shard_sets, eval_transform, knn_metrics
 from maskray.models import MaskedViT, build_encoder
 from maskray.tracking import RunLogger, find_or_create_run
 from maskray.tracking.compare import check_store, store_exists
-from maskray.tracking.mlflow_run import RUN_NAME_TAG
+from maskray.tracking.mlflow_run import RUN_NAME_TAG, find_run
 
 EVALUATIONS = ("knn", "linear_probe", "diagnostics")
 PARENT_TAG = "mlflow.parentRunId"
@@ -101,17 +101,6 @@ def latest_checkpoint(run_dir: Path) -> Path:
     if not candidates:
         raise ConfigError(f"no checkpoint with {ENCODER_FILE} under '{run_dir}'")
     return max(candidates, key=lambda path: (checkpoint_step(path) or -1, path.name))
-
-
-def find_run(client: MlflowClient, experiment: str, run_name: str) -> str | None:
-    """The id of the run tagged ``maskray.run_name = run_name`` in ``experiment``, if any."""
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
-    )
-    return runs[0].info.run_id if runs else None
 
 
 def read_checkpoint_config(checkpoint: Path) -> Config:

@@ -39,6 +39,17 @@ def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str
     return client.create_experiment(name, artifact_location=artifact_root_for(tracking_uri))
 
 
+def find_run(client: MlflowClient, experiment: str, run_name: str) -> str | None:
+    """The id of the run tagged ``maskray.run_name = run_name`` in ``experiment``, if any."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def find_or_create_run(
     tracking_uri: str,
     experiment: str,
@@ -49,11 +60,8 @@ def find_or_create_run(
     """Return ``(run_id, resumed)``: the run tagged with ``run_name`` if one exists, else a new one."""
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, experiment, tracking_uri)
-    existing = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
-    )
-    if existing:
-        run_id = existing[0].info.run_id
+    run_id = find_run(client, experiment, run_name)
+    if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         return run_id, True
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
