@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Read when @triton.jit decorates a kernel: set before anything imports Triton. Kernels only run on CPU
+# tensors when a test also sets MASKRAY_TRITON_INTERPRET=1 (tests/test_kernels.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -17,6 +17,20 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def gather_patches_chw(images: torch.Tensor, ids: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """images: (B, C, H, W), ids: (B, K) patch indices (row-major grid) -> (B, K, C, p, p) copies of those patches.
+
+    Indexes a strided 6-D view, so only the selected pixels are copied (no full patchify first).
+    """
+    batch, channels, height, width = images.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not divisible by patch size {patch_size}")
+    grid_h, grid_w = height // patch_size, width // patch_size
+    view = images.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size).permute(0, 2, 4, 1, 3, 5)
+    rows = torch.arange(batch, device=images.device).unsqueeze(1)
+    return view[rows, ids // grid_w, ids % grid_w]
+
+
 def image_affine(
     channels: int, dtype: torch.dtype, mean=None, std=None, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,12 +49,13 @@ def image_affine(
 
 
 def normalize_images(images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
-    """uint8 images -> float32 in [0, 1], then per-channel ``(x - mean) / std`` if given; float images without
-    mean/std are returned unchanged."""
+    """uint8 images -> float32 in [0, 1], then per-channel ``(x - mean) / std`` if given (half images compute in
+    float32); float images without mean/std are returned unchanged."""
     if images.dtype != torch.uint8 and mean is None and std is None:
         return images
     scale, shift = image_affine(images.shape[1], images.dtype, mean, std, images.device)
-    return images.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    dtype = torch.float32 if images.dtype == torch.uint8 else torch.promote_types(images.dtype, torch.float32)
+    return images.to(dtype) * scale.to(dtype).view(1, -1, 1, 1) + shift.to(dtype).view(1, -1, 1, 1)
 
 
 def embed_visible_patches_reference(
@@ -62,13 +77,14 @@ def embed_visible_patches_reference(
     without CLS).
     """
     dim, _, patch, _ = weight.shape
-    patches = patchify_chw(normalize_images(images, mean, std), patch)  # (B, L, C*p*p)
     has_cls = cls_token is not None
     pos_patches = pos_embed[:, 1:] if has_cls else pos_embed  # (1, L, D)
     if ids_keep is not None:
-        patches = gather_tokens(patches, ids_keep)  # (B, K, C*p*p)
+        patches = gather_patches_chw(images, ids_keep, patch)  # (B, K, C, p, p), copies only the kept pixels
+        patches = normalize_images(patches.flatten(0, 1), mean, std).reshape(*ids_keep.shape, -1)
         pos = gather_tokens(pos_patches.expand(images.shape[0], -1, -1), ids_keep)
     else:
+        patches = patchify_chw(normalize_images(images, mean, std), patch)  # (B, L, C*p*p)
         pos = pos_patches
     tokens = F.linear(patches, weight.reshape(dim, -1), bias) + pos
     if not has_cls:
@@ -132,10 +148,11 @@ def masked_patch_loss_reference(
         rows = ids_restore - (ids_restore.shape[1] - pred.shape[1])
         mask = mask * (rows >= 0)
         pred = gather_tokens(pred, rows.clamp_min(0))
-    target = patchify(normalize_images(images, mean, std), patch_size).float()
+    target = patchify(normalize_images(images, mean, std), patch_size)
+    target = target.to(torch.promote_types(target.dtype, torch.float32))  # at least fp32 (fp64 kept: gradcheck)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True, unbiased=True)
         target = (target - mean) / (var + eps).sqrt()
-    per_patch = (pred.float() - target).pow(2).mean(dim=-1)
+    per_patch = (pred.to(target.dtype) - target).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
