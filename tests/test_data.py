@@ -239,8 +239,10 @@ def test_infinite_batches_crosses_epochs_and_rejects_starved_ranks(tmp_path):
     stream = infinite_batches(shards, EVAL, batch_size=16, num_workers=0, shuffle_buffer=8)
     epochs = [[key for batch in itertools.islice(stream, 3) for key in batch["key"]] for _ in range(2)]
     assert len(epochs[0]) == len(epochs[1]) == 48 and epochs[0] != epochs[1]
-    with pytest.raises(DataError, match="no full batch"):
-        next(infinite_batches(shards, EVAL, batch_size=64, num_workers=0))
+    big = next(infinite_batches(shards, EVAL, batch_size=64, num_workers=0))  # spans two epochs
+    assert len(big["key"]) == 64 and len(set(big["key"])) == 53
+    with pytest.raises(DataError, match="rank 6 gets no shard"):  # 6 shards, 7 ranks
+        next(infinite_batches(shards, EVAL, batch_size=8, rank=6, world_size=7, num_workers=0))
 
 
 def test_loader_pipeline_and_transforms_pickle(tmp_path):

@@ -61,6 +61,7 @@ def build_loader(
     epoch: int = 0,
     drop_last: bool = True,
     multiprocessing_context: str | None = None,
+    epochs: int | None = 1,
 ) -> Iterable[Batch]:
     """A re-iterable loader over one epoch of this rank's batches.
 
@@ -68,13 +69,14 @@ def build_loader(
     list[str] and ``skipped`` int. ``shuffle_buffer > 0`` shuffles the shard order (exact epochs) and
     the samples within each worker through a buffer of that size. ``num_workers=0`` reads in-process.
     In resampled mode the epoch is ``steps_per_epoch(shards, batch_size, world_size)`` full batches.
+    ``epochs=None`` streams epochs ``epoch, epoch + 1, ...`` forever through the same loader processes.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pipeline = wds.DataPipeline(
-        _WorkerShards(shards, rank, world_size, resampled, shuffle_buffer > 0, seed, epoch),
+        _WorkerShards(shards, rank, world_size, resampled, shuffle_buffer > 0, seed, epoch, epochs),
         _read_tars,
         _Shuffle(shuffle_buffer, rank, world_size, seed, epoch) if shuffle_buffer > 0 else None,
         _Decode(transform),
@@ -86,8 +88,8 @@ def build_loader(
         num_workers=num_workers,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
     )
-    if resampled:
-        loader = loader.with_epoch(steps_per_epoch(shards, batch_size, world_size))
+    if resampled and epochs is not None:
+        loader = loader.with_epoch(epochs * steps_per_epoch(shards, batch_size, world_size))
     return loader
 
 
@@ -107,34 +109,31 @@ def infinite_batches(
 ) -> Iterator[Batch]:
     """Full batches from epochs ``start_epoch``, ``start_epoch + 1``, ... forever, each epoch re-seeded.
 
-    The caller counts steps, so ranks stay in step even when their exact epochs differ in length.
-    Raises DataError if this rank gets no full batch in an epoch (too few or too small shards).
+    One loader serves every epoch (its worker processes start once). The caller counts steps, so ranks
+    stay in step even when their exact epochs differ in length. Raises DataError if this rank would get
+    no shard at all (fewer shards than ranks x loader workers).
     """
-    for epoch in itertools.count(start_epoch):
-        loader = build_loader(
-            shards,
-            transform,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            num_workers=num_workers,
-            resampled=resampled,
-            shuffle_buffer=shuffle_buffer,
-            seed=seed,
-            epoch=epoch,
-            drop_last=True,
-            multiprocessing_context=multiprocessing_context,
+    workers = max(num_workers, 1)
+    if not resampled and len(shards.urls) <= rank * workers:
+        raise DataError(
+            f"data.shards: rank {rank} gets no shard of '{shards.root}' ({len(shards.urls)} shards over "
+            f"{world_size} ranks x {workers} loader workers); write more or smaller shards or use resampling"
         )
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise DataError(
-                f"data.shards: rank {rank} read no full batch of {batch_size} from '{shards.root}' in epoch "
-                f"{epoch} ({len(shards.urls)} shards over {world_size} ranks x {max(num_workers, 1)} "
-                f"workers); write more or smaller shards, lower the batch size or use resampling"
-            )
+    yield from build_loader(
+        shards,
+        transform,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        epoch=start_epoch,
+        drop_last=True,
+        multiprocessing_context=multiprocessing_context,
+        epochs=None,
+    )
 
 
 def _global_worker(rank: int, world_size: int) -> tuple[int, int]:
@@ -152,28 +151,42 @@ class _Skipped:
 
 
 class _WorkerShards(IterableDataset):
-    """The (tar path, expected sample count) pairs that the calling global worker reads this epoch."""
+    """The (tar path, expected sample count) pairs that the calling global worker reads, for ``epochs``
+    epochs from ``epoch`` on (``None``: forever, in one pass of the loader, so its processes live on)."""
 
     def __init__(
-        self, shards: ShardSet, rank: int, world_size: int, resampled: bool, shuffle: bool, seed: int, epoch: int
+        self,
+        shards: ShardSet,
+        rank: int,
+        world_size: int,
+        resampled: bool,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        epochs: int | None = 1,
     ):
         super().__init__()
         self.shards = list(zip(shards.urls, shards.shard_sizes, strict=True))
         self.rank, self.world_size = rank, world_size
         self.resampled, self.shuffle = resampled, shuffle
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.epochs = seed, epoch, epochs
 
     def __iter__(self) -> Iterator[tuple[str, int]]:
         worker, num_global = _global_worker(self.rank, self.world_size)
-        if self.resampled:
+        if self.resampled:  # an endless draw; build_loader caps a single epoch with ``with_epoch``
             rng = np.random.default_rng([self.seed, self.epoch, worker])
             while True:
                 yield self.shards[rng.integers(len(self.shards))]
-        order = np.arange(len(self.shards))
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
-        for i in order[worker::num_global]:
-            yield self.shards[i]
+        epochs = itertools.count(self.epoch) if self.epochs is None else range(self.epoch, self.epoch + self.epochs)
+        for epoch in epochs:
+            order = np.arange(len(self.shards))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(order)
+            mine = order[worker::num_global]
+            if len(mine) == 0:  # the same count every epoch: this worker never has a shard
+                return
+            for i in mine:
+                yield self.shards[i]
 
 
 def _read_tars(shards: Iterable[tuple[str, int]]) -> Iterator[dict | _Skipped]:
