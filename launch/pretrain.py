@@ -32,9 +32,12 @@ def main() -> int:
         overrides.append(f"scaling.workers={args.workers}")
     config = load_config(args.config, overrides)
 
+    import ray
+
     from maskray.engine.driver import run_pretraining, summary_lines
 
     result = run_pretraining(config, run_name=args.run_name, max_steps=args.max_steps)
+    ray.shutdown()  # stop forwarding worker logs, so the summary is the last thing printed
     print("\n".join(summary_lines(result)), flush=True)
     return 0
 

@@ -89,7 +89,7 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     """Loop length (optimizer steps), logging, checkpointing and DeepSpeed settings."""
 
-    steps: int = Field(1200, gt=0)
+    steps: int = Field(800, gt=0)
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(400, gt=0)
     seed: int = 0

@@ -20,7 +20,7 @@ def ray_session():
     """A local Ray with 2 CPUs, shared by every test that needs one."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
     yield ray
     ray.shutdown()
 

@@ -58,7 +58,8 @@ def test_demo_pretraining_beats_random_init(ray_session, demo_shards, tmp_path) 
     config = _config(demo_shards, tmp_path, "train.steps=600", "train.checkpoint_every=600")
     result = run_pretraining(config, run_name="learns")
     metrics = result.metrics
-    assert metrics["knn_top1"] - metrics["knn_top1_random_init"] >= 8.0, metrics
+    # measured at 600 steps: 84.5 vs 38.9 (+45.6 points); assert well inside that
+    assert metrics["knn_top1"] - metrics["knn_top1_random_init"] >= 25.0, metrics
     client = MlflowClient(config.tracking.resolved_uri())
     artifacts = [a.path for a in client.list_artifacts(result.run_id)]
     assert {"loss_curve.png", "reconstructions.png"} <= set(artifacts)

@@ -8,6 +8,7 @@ created and runs the k-NN evaluation (random init before the first step, pretrai
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -97,6 +98,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is enough: ours
     config = Config.model_validate(loop_config["config"])
     run_id: str = loop_config["mlflow_run_id"]
     last_step = min(config.train.steps, loop_config.get("max_steps") or config.train.steps)
