@@ -66,7 +66,7 @@ def run_pretraining(config: Config, run_name: str | None = None, max_steps: int 
     tags = {
         "objective": config.objective.name,
         "backbone": config.model.arch,
-        "dataset": Path(config.data.shards).name or config.data.shards,
+        "dataset": "/".join(Path(config.data.shards).parts[-2:]),  # e.g. "demo/train"
         "dataset_path": config.data.shards,
         **config.tracking.tags,
     }
