@@ -6,7 +6,7 @@ DEPS_STAMP := $(VENV)/.maskray-deps-$(shell sha1sum pyproject.toml | cut -c1-12)
 DEMO_DATA := data/demo
 DEMO_CONFIG := configs/demo/mae.yaml
 
-.PHONY: install demo demo-data test lint clean
+.PHONY: install demo demo-data demo-job test lint clean
 
 $(DEPS_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,12 @@ demo-data: install $(DEMO_DATA)/train/manifest.parquet
 
 demo: demo-data
 	$(PY) launch/pretrain.py --config $(DEMO_CONFIG)
+
+# The same demo as a Ray job on a running cluster (`ray start --head` first); paths stay in this checkout.
+demo-job: demo-data
+	$(VENV)/bin/ray job submit --working-dir . --runtime-env-json \
+		'{"excludes": [".git", ".venv", "data", "runs", "mlartifacts"], "env_vars": {"MASKRAY_ROOT": "$(CURDIR)"}}' \
+		-- python launch/pretrain.py --config $(DEMO_CONFIG)
 
 test: install
 	$(PY) -m pytest -q

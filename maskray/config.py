@@ -119,8 +119,18 @@ class EvalConfig(Section):
     random_init: bool = True
 
 
+def project_root() -> Path:
+    """Where relative paths in a config point: ``$MASKRAY_ROOT`` if set, else the working directory.
+
+    ``ray job submit --working-dir .`` runs the driver in a temporary copy of the repository; setting
+    ``MASKRAY_ROOT`` to the submitting checkout (``make demo-job`` does) keeps data and tracking there.
+    """
+    return Path(os.environ.get("MASKRAY_ROOT") or Path.cwd())
+
+
 class TrackingConfig(Section):
-    """MLflow and Ray storage. ``uri`` null: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``."""
+    """MLflow and Ray storage. ``uri`` null: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<root>/mlflow.db``
+    (root: :func:`project_root`)."""
 
     uri: str | None = None
     experiment: str = "maskray"
@@ -130,7 +140,7 @@ class TrackingConfig(Section):
     def resolved_uri(self) -> str:
         if self.uri:
             return self.uri
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
 class Config(Section):
@@ -155,7 +165,7 @@ class Config(Section):
     def resolved(self, base: Path | None = None) -> Config:
         """A copy in which local paths are absolute (workers run in other directories) and the tracking
         URI is fixed, so every process of the run sees the same data, storage and MLflow store."""
-        base = base or Path.cwd()
+        base = base or project_root()
 
         def absolute(path: str | None) -> str | None:
             if path is None or "://" in path:
