@@ -26,11 +26,12 @@ demo-data: install $(DEMO_DATA)/train/manifest.parquet
 demo: demo-data
 	$(PY) launch/pretrain.py --config $(DEMO_CONFIG)
 
-# The same demo as a Ray job on a running cluster (`ray start --head` first); paths stay in this checkout.
+# The same demo as a Ray job on a local cluster (`$(VENV)/bin/ray start --head` first): the job runs this venv's
+# Python and keeps data and tracking in this checkout. Ray >= 2.60 clusters use token auth by default.
 demo-job: demo-data
-	$(VENV)/bin/ray job submit --working-dir . --runtime-env-json \
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-token} $(VENV)/bin/ray job submit --working-dir . --runtime-env-json \
 		'{"excludes": [".git", ".venv", "data", "runs", "mlartifacts"], "env_vars": {"MASKRAY_ROOT": "$(CURDIR)"}}' \
-		-- python launch/pretrain.py --config $(DEMO_CONFIG)
+		-- $(abspath $(PY)) launch/pretrain.py --config $(DEMO_CONFIG) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q

@@ -6,7 +6,6 @@ attaches to the cluster. Nothing here imports DeepSpeed (workers do).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +110,6 @@ def summary_lines(result: PretrainResult) -> list[str]:
         lines.append(f"k-NN top-1 (pretrained encoder):  {metrics['knn_top1']:.2f}%")
     if "knn_top1_random_init" in metrics:
         lines.append(f"k-NN top-1 (random-init encoder): {metrics['knn_top1_random_init']:.2f}%")
-    lines.append(f"MLflow: {run_url_hint(result.tracking_uri)}   (cwd: {os.getcwd()})")
+    lines.append(f"MLflow UI: {run_url_hint(result.tracking_uri)}")
     lines.append(f"mlflow_run_id={result.run_id}")
     return lines
