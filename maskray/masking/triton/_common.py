@@ -12,15 +12,11 @@ import os
 
 import torch
 import triton
-from triton.language.standard import _sum_combine as sum_combine  # noqa: F401  (used by the kernels)
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Kernels here use only Triton *builtins* plus ``tl.reduce(x, axis, sum_combine)``: the library helpers written
-# as ``@triton.jit`` functions (``tl.zeros``, ``tl.sum``, ...) are decorated when ``triton.language`` is first
-# imported, so if anything imported Triton before ``TRITON_INTERPRET=1`` was set they stay compiled-mode objects
-# and the interpreter refuses to call them. ``sum_combine`` is only compared by identity by the interpreter (it
-# then reduces with numpy), and is what ``tl.sum`` uses on the GPU.
+# Triton reads TRITON_INTERPRET when ``triton.language`` is first imported (its library functions such as
+# ``tl.sum`` are ``@triton.jit`` objects too): tests set it before anything imports Triton (tests/conftest.py).
 
 
 def cuda_tuning_enabled() -> bool:

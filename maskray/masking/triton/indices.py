@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from maskray.masking.indices import MaskIndices
-from maskray.masking.triton._common import INTERPRET, next_pow2, sum_combine
+from maskray.masking.triton._common import INTERPRET, next_pow2
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _rank_kernel(
         less = key_j[None, :] < key_i[:, None]
         tie = (key_j[None, :] == key_i[:, None]) & (offs_j[None, :] < offs_i[:, None])
         before = (less | tie) & ok_j[None, :]
-        rank += tl.reduce(before.to(tl.int32), 1, sum_combine)
+        rank += tl.sum(before.to(tl.int32), 1)
     tl.store(restore_ptr + b * L + offs_i, rank.to(tl.int64), mask=ok_i)
     tl.store(mask_ptr + b * L + offs_i, (rank >= K).to(tl.float32), mask=ok_i)
     tl.store(keep_ptr + b * K + rank, offs_i.to(tl.int64), mask=ok_i & (rank < K))

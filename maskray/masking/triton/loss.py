@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from maskray.masking.triton._common import INTERPRET, image_affine, next_pow2, sum_combine
+from maskray.masking.triton._common import INTERPRET, image_affine, next_pow2
 
 
 @triton.jit
@@ -83,16 +83,16 @@ def _masked_patch_loss_kernel(
         sh = tl.load(shift_ptr + c, mask=k_ok, other=0.0)
         x = tl.where(lm, x * sc[None, :] + sh[None, :], 0.0)
     if NORM_PIX:
-        mean = tl.reduce(x, 1, sum_combine) / PD
+        mean = tl.sum(x, 1) / PD
         xc = tl.where(lm, x - mean[:, None], 0.0)
-        var = tl.reduce(xc * xc, 1, sum_combine) / (PD - 1)
+        var = tl.sum(xc * xc, 1) / (PD - 1)
         target = xc / tl.sqrt(var + eps)[:, None]
     else:
         target = x
     pv = tl.load(pred_ptr + (b * stride_pb + pr * stride_pt)[:, None] + kk[None, :], mask=lm, other=0.0)
     diff = tl.where(lm, pv.to(tl.float32) - target, 0.0)
-    row_loss = tl.reduce(diff * diff, 1, sum_combine) / PD
-    tl.store(part_ptr + pid, tl.reduce(w * row_loss, 0, sum_combine))
+    row_loss = tl.sum(diff * diff, 1) / PD
+    tl.store(part_ptr + pid, tl.sum(w * row_loss, 0))
     denom = tl.load(denom_ptr)
     coef = (2.0 * w) / (PD * denom)
     dst = (b * stride_db + pr * stride_dt)[:, None] + kk[None, :]

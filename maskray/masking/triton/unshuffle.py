@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from maskray.masking.reference import gather_tokens
-from maskray.masking.triton._common import INTERPRET, next_pow2, sum_combine
+from maskray.masking.triton._common import INTERPRET, next_pow2
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _unshuffle_bwd_kernel(
     dst = (b * (K + 1) + x_row)[:, None] * N + cols[None, :]
     tl.store(dx_ptr + dst, g.to(dx_ptr.dtype.element_ty), mask=from_x[:, None] & col_ok[None, :])
     is_token = is_patch & (~from_x)
-    part = tl.reduce(tl.where(is_token[:, None], g, 0.0), 0, sum_combine)
+    part = tl.sum(tl.where(is_token[:, None], g, 0.0), 0)
     tl.store(part_ptr + pid_m.to(tl.int64) * N + cols, part, mask=col_ok)
 
 
