@@ -1,7 +1,10 @@
-"""Evaluate a pretrained encoder (k-NN, linear probe, diagnostics) as a Ray task; log into its MLflow run.
+"""Evaluate a pretrained encoder (k-NN, linear probe, diagnostics, optionally fine-tuning) as a Ray task; log
+into its MLflow run.
 
     python launch/evaluate.py --run-id ID | --checkpoint DIR [--tracking-uri URI] [--only knn,linear_probe,...]
         [--train-shards DIR --test-shards DIR] [--probe-epochs N] [--probe-blr LR] [--diag-images N]
+        [--finetune] [--finetune-epochs N] [--finetune-blr LR] [--finetune-batch-size N]
+        [--finetune-labels-per-class N]
 
 ``--run-id`` evaluates the run's latest checkpoint; ``--checkpoint`` a checkpoint directory (its run is found by
 the Ray run name, or created once). Metrics go on the run itself and on one nested run per evaluation; running
@@ -28,17 +31,32 @@ def main() -> int:
                         help="linear-probe epochs, the first epochs/9 (at most 10) warm up (MAE: 90, 10)")
     parser.add_argument("--probe-blr", type=float, default=0.1, help="linear-probe base lr, lr = blr * batch / 256")
     parser.add_argument("--diag-images", type=int, default=64, help="images the diagnostics average over")
+    parser.add_argument("--finetune", action="store_true",
+                        help="also fine-tune end to end (optional evaluation 'finetune'; or name it in --only)")
+    parser.add_argument("--finetune-epochs", type=int, default=15,
+                        help="fine-tuning epochs, the first epochs/7 warm up (default: %(default)s)")
+    parser.add_argument("--finetune-blr", type=float, default=1e-3, help="fine-tuning base lr, lr = blr * batch / 256")
+    parser.add_argument("--finetune-batch-size", type=int, default=64, help="fine-tuning batch (default: %(default)s)")
+    parser.add_argument("--finetune-labels-per-class", type=int,
+                        help="fine-tune on this many labelled images per class (default: all)")
     args = parser.parse_args()
 
     from maskray.eval.diagnostics import METRIC_PREFIXES
+    from maskray.eval.finetune import FinetuneConfig
     from maskray.eval.linear_probe import LinearProbeConfig
     from maskray.eval.runner import EvalSettings, evaluate, resolve_target
 
     target = resolve_target(args.tracking_uri, args.run_id, args.checkpoint)
+    kinds = tuple(kind.strip() for kind in args.only.split(",") if kind.strip())
+    if args.finetune and "finetune" not in kinds:
+        kinds += ("finetune",)
     settings = EvalSettings(
-        kinds=tuple(kind.strip() for kind in args.only.split(",") if kind.strip()),
+        kinds=kinds,
         probe=LinearProbeConfig(epochs=args.probe_epochs, warmup_epochs=min(10, args.probe_epochs // 9),
                                 blr=args.probe_blr),
+        finetune=FinetuneConfig(epochs=args.finetune_epochs, warmup_epochs=args.finetune_epochs // 7,
+                                blr=args.finetune_blr, batch_size=args.finetune_batch_size,
+                                labels_per_class=args.finetune_labels_per_class),
         diag_images=args.diag_images,
         train_shards=args.train_shards,
         test_shards=args.test_shards,

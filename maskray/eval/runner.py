@@ -12,7 +12,8 @@ Evaluations (``EVALUATIONS``): ``knn`` (DINO weighted k-NN, :func:`~maskray.eval
 ``linear_probe`` (MAE head, SGD, :mod:`maskray.eval.linear_probe`; plus the same-seed random-init encoder,
 logged at step 0 as ``linear_*_random_init`` like the k-NN baseline of training) and ``diagnostics``
 (:mod:`maskray.eval.diagnostics` on the first ``diag_images`` images of ``eval.test_shards``, else
-``data.shards``). Fine-tuning is not implemented.
+``data.shards``). Optional, not in the default set: ``finetune`` (end-to-end, MAE's recipe scaled down,
+:mod:`maskray.eval.finetune`; plus the same-seed random-init encoder as ``finetune_*_random_init`` at step 0).
 
 Logging: the driver validates the inputs, runs :func:`evaluate_checkpoint` as one Ray task (1 CPU, a GPU only
 when the cluster has one), then logs every metric on the **parent run** at the checkpoint's step and again in
@@ -37,11 +38,12 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from maskray.config import Config, TrackingConfig
-from maskray.data import ShardSet, build_loader, resolve_shards
+from maskray.data import ImageTransform, ShardSet, build_loader, resolve_shards
 from maskray.engine.checkpoint import CONFIG_FILE, DEEPSPEED_DIR, ENCODER_FILE, encoder_from_state
 from maskray.errors import ConfigError, MaskrayError
 from maskray.eval.diagnostics import Diagnostics, diagnose, diagnostic_figure
 from maskray.eval.features import extract_features
+from maskray.eval.finetune import FinetuneConfig, finetune
 from maskray.eval.linear_probe import LinearProbeConfig, probe_metrics
 from maskray.eval.protocol import eval_shard_sets, eval_transform, knn_metrics
 from maskray.models import MaskedViT, build_encoder
@@ -50,6 +52,7 @@ from maskray.tracking.compare import check_store, store_exists
 from maskray.tracking.mlflow_run import RUN_NAME_TAG, find_run
 
 EVALUATIONS = ("knn", "linear_probe", "diagnostics")
+OPTIONAL_EVALUATIONS = ("finetune",)
 PARENT_TAG = "mlflow.parentRunId"
 EVAL_TAG = "maskray.eval"
 SETTINGS_TAG = "maskray.eval_settings"
@@ -71,6 +74,7 @@ class EvalSettings:
 
     kinds: tuple[str, ...] = EVALUATIONS
     probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     diag_images: int = 64
     train_shards: str | None = None
     test_shards: str | None = None
@@ -78,11 +82,11 @@ class EvalSettings:
 
 @dataclass
 class EvalOutput:
-    """What the Ray task returns: metrics per evaluation kind (at the checkpoint's step), random-init probe
-    metrics (step 0) and the diagnostics arrays."""
+    """What the Ray task returns: metrics per evaluation kind (at the checkpoint's step), random-init encoder
+    metrics per evaluation kind (step 0) and the diagnostics arrays."""
 
     metrics: dict[str, dict[str, float]]
-    random_init: dict[str, float]
+    random_init: dict[str, dict[str, float]]
     diagnostics: Diagnostics | None
 
 
@@ -192,6 +196,28 @@ def _probe(
     return probe_metrics(train, test, num_classes, config.eval.feature, probe)
 
 
+def _finetune(
+    encoder: MaskedViT,
+    shard_sets: tuple[ShardSet, ShardSet],
+    config: Config,
+    settings: FinetuneConfig,
+    device: str,
+) -> dict[str, float]:
+    data = config.data
+    train = ImageTransform(config.model.img_size, train=True, crop_scale=data.crop_scale, hflip=data.hflip,
+                           mean=data.mean, std=data.std, in_chans=config.model.in_chans)
+    num_classes = max(shard_sets[0].num_classes, shard_sets[1].num_classes)
+    accuracy = finetune(encoder, shard_sets, num_classes, train, eval_transform(config.model, data), settings, device)
+    return {f"finetune_{key}": value for key, value in accuracy.items()}
+
+
+def _random_init_encoder(config: Config, device: str) -> MaskedViT:
+    """The training worker's initial encoder (built after seeding with ``train.seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        return build_encoder(config.model).to(device)
+
+
 def evaluate_checkpoint(
     checkpoint: str,
     config: Config,
@@ -203,7 +229,7 @@ def evaluate_checkpoint(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = encoder_from_state(config, load_file(str(Path(checkpoint) / ENCODER_FILE))).to(device)
     metrics: dict[str, dict[str, float]] = {}
-    random_init: dict[str, float] = {}
+    random_init: dict[str, dict[str, float]] = {}
     diagnostics = None
     if "knn" in settings.kinds:
         transform = eval_transform(config.model, config.data)
@@ -211,14 +237,16 @@ def evaluate_checkpoint(
     if "linear_probe" in settings.kinds:
         metrics["linear_probe"] = _probe(encoder, shard_sets, config, settings.probe, device)
         if config.eval.random_init:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.train.seed)  # the training worker's initial encoder
-                baseline = build_encoder(config.model).to(device)
-            probe = _probe(baseline, shard_sets, config, settings.probe, device)
-            random_init = {f"{key}_random_init": value for key, value in probe.items()}
+            probe = _probe(_random_init_encoder(config, device), shard_sets, config, settings.probe, device)
+            random_init["linear_probe"] = {f"{key}_random_init": value for key, value in probe.items()}
     if "diagnostics" in settings.kinds:
         diagnostics = diagnose(encoder, first_images(diag_set, config, settings.diag_images))
         metrics["diagnostics"] = diagnostics.metrics()
+    if "finetune" in settings.kinds:
+        metrics["finetune"] = _finetune(encoder, shard_sets, config, settings.finetune, device)
+        if config.eval.random_init:
+            tuned = _finetune(_random_init_encoder(config, device), shard_sets, config, settings.finetune, device)
+            random_init["finetune"] = {f"{key}_random_init": value for key, value in tuned.items()}
     return EvalOutput(metrics, random_init, diagnostics)
 
 
@@ -230,6 +258,7 @@ def _settings_by_kind(config: Config, settings: EvalSettings, shard_sets, diag_s
                 "feature": config.eval.feature, **data},
         "linear_probe": {"optimizer": "sgd", **asdict(settings.probe), "feature": config.eval.feature, **data},
         "diagnostics": {"images": settings.diag_images, "shards": diag_set.root if diag_set else ""},
+        "finetune": {"optimizer": "adamw", **asdict(settings.finetune), **data},
     }
     return {kind: by_kind[kind] for kind in settings.kinds}
 
@@ -263,11 +292,10 @@ def log_evaluation(target: EvalTarget, output: EvalOutput, settings: dict[str, d
         child_logger = RunLogger(target.tracking_uri, _nested_run(client, parent, kind, settings[kind]))
         for logger in (parent_logger, child_logger):
             logger.log_metrics(metrics, target.step)
-            if kind == "linear_probe" and output.random_init:
-                logger.log_metrics(output.random_init, 0)
+            if output.random_init.get(kind):
+                logger.log_metrics(output.random_init[kind], 0)
         logged.update(metrics)
-        if kind == "linear_probe":
-            logged.update(output.random_init)
+        logged.update(output.random_init.get(kind, {}))
         if kind == "diagnostics":
             buffer = io.BytesIO()
             title = f"{parent.info.run_name} @ step {target.step}"
@@ -286,9 +314,10 @@ def evaluate(target: EvalTarget, settings: EvalSettings = EvalSettings()) -> dic
     import ray
     from ray.exceptions import RayTaskError
 
-    unknown = sorted(set(settings.kinds) - set(EVALUATIONS))
+    known = EVALUATIONS + OPTIONAL_EVALUATIONS
+    unknown = sorted(set(settings.kinds) - set(known))
     if unknown or not settings.kinds:
-        raise ConfigError(f"--only: unknown evaluation(s) {unknown or '(none given)'}; choose from {EVALUATIONS}")
+        raise ConfigError(f"--only: unknown evaluation(s) {unknown or '(none given)'}; choose from {known}")
     if target.run_id is None:
         raise ConfigError(f"checkpoint '{target.checkpoint}' has no MLflow run to log into")
     config = read_checkpoint_config(target.checkpoint)
@@ -297,7 +326,7 @@ def evaluate(target: EvalTarget, settings: EvalSettings = EvalSettings()) -> dic
     if settings.test_shards:
         config.eval.test_shards = settings.test_shards
     shard_sets = None
-    if {"knn", "linear_probe"} & set(settings.kinds):
+    if {"knn", "linear_probe", "finetune"} & set(settings.kinds):
         shard_sets = eval_shard_sets(config.eval)
         if shard_sets is None:
             raise ConfigError("eval.train_shards / eval.test_shards are not set: pass --train-shards and --test-shards")
