@@ -45,6 +45,17 @@ class ImageTransform:
             geometry = [T.Resize(img_size, interpolation=bicubic), T.CenterCrop(img_size)]
         self.transform = T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])
 
+    @classmethod
+    def for_training(cls, model, data) -> ImageTransform:
+        """The training augmentation of a run: ``model`` / ``data`` are its ModelConfig / DataConfig."""
+        return cls(model.img_size, train=True, crop_scale=data.crop_scale, hflip=data.hflip,
+                   mean=data.mean, std=data.std, in_chans=model.in_chans)
+
+    @classmethod
+    def for_eval(cls, model, data) -> ImageTransform:
+        """The evaluation transform of a run (resize + center crop, the run's normalisation)."""
+        return cls(model.img_size, train=False, mean=data.mean, std=data.std, in_chans=model.in_chans)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image.convert(self.mode))
 

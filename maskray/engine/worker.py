@@ -22,19 +22,11 @@ from maskray.config import Config
 from maskray.data import ImageTransform, infinite_batches, resolve_shards
 from maskray.engine.checkpoint import encoder_from_state, load_checkpoint, save_checkpoint
 from maskray.engine.deepspeed_setup import build_engine, encoder_state, use_bf16
-from maskray.eval.protocol import eval_shard_sets, eval_transform, knn_metrics
+from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
 from maskray.models import build_encoder
 from maskray.objective import build_objective
 from maskray.tracking import RunLogger
 from maskray.tracking.figures import loss_curve_figure
-
-
-def train_transform(config: Config) -> ImageTransform:
-    data = config.data
-    return ImageTransform(
-        config.model.img_size, train=True, crop_scale=data.crop_scale, hflip=data.hflip,
-        mean=data.mean, std=data.std, in_chans=config.model.in_chans,
-    )
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -124,14 +116,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     if logger and eval_sets and start == 0 and config.eval.random_init:
         baseline = encoder_from_state(config, initial_weights).to(device)
-        metrics = knn_metrics(baseline, eval_sets, config.eval, eval_transform(config.model, config.data), device)
+        metrics = encoder_knn_metrics(baseline, eval_sets, config, device)
         logger.log_metrics({f"{key}_random_init": value for key, value in metrics.items()}, 0)
         del baseline
     del initial_weights
 
     shards = resolve_shards(config.data.shards)
+    transform = ImageTransform.for_training(config.model, config.data)
     batches = infinite_batches(
-        shards, train_transform(config), batch_size=config.data.batch_size, rank=rank, world_size=world,
+        shards, transform, batch_size=config.data.batch_size, rank=rank, world_size=world,
         num_workers=config.data.num_workers, resampled=config.data.resampled,
         shuffle_buffer=config.data.shuffle_buffer, seed=config.train.seed * 1_000_003 + start,
         multiprocessing_context="forkserver" if config.data.num_workers > 0 else None,
@@ -179,8 +172,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if logger:
         if eval_sets:
             trained = encoder_from_state(config, final_weights).to(device)
-            transform = eval_transform(config.model, config.data)
-            logger.log_metrics(knn_metrics(trained, eval_sets, config.eval, transform, device), last_step)
+            logger.log_metrics(encoder_knn_metrics(trained, eval_sets, config, device), last_step)
         logger.log_figure(loss_curve_figure(logger), "loss_curve.png")
         if engine.zero_optimization_stage() < 3:  # rank 0 holds every parameter
             for filename, figure in objective.figures(to_device(batch, device, dtype)).items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from maskray.config import DataConfig, EvalConfig, ModelConfig
+from maskray.config import Config, EvalConfig
 from maskray.data import ImageTransform, ShardSet, resolve_shards
 from maskray.errors import DataError
 from maskray.eval.features import FEATURES, extract_features
@@ -26,24 +26,27 @@ def eval_shard_sets(eval_config: EvalConfig) -> tuple[ShardSet, ShardSet] | None
     return sets[0], sets[1]
 
 
-def eval_transform(model: ModelConfig, data: DataConfig) -> ImageTransform:
-    return ImageTransform(model.img_size, train=False, mean=data.mean, std=data.std, in_chans=model.in_chans)
+Features = tuple[dict[str, torch.Tensor], torch.Tensor]  # ({"cls": (N, D), "mean": (N, D)}, labels (N,))
+
+
+def split_features(
+    encoder: MaskedViT, shard_sets: tuple[ShardSet, ShardSet], config: Config, device: torch.device | str = "cpu"
+) -> tuple[Features, Features]:
+    """Frozen features of the eval train split (the bank) and test split (the queries), eval transform."""
+    transform = ImageTransform.for_eval(config.model, config.data)
+    return tuple(extract_features(encoder, shards, transform, config.eval.batch_size, device) for shards in shard_sets)
+
+
+def num_classes(shard_sets: tuple[ShardSet, ShardSet], train: Features) -> int:
+    return max(shard_sets[0].num_classes, int(train[1].max()) + 1)
 
 
 def knn_metrics(
-    encoder: MaskedViT,
-    shard_sets: tuple[ShardSet, ShardSet],
-    eval_config: EvalConfig,
-    transform: ImageTransform,
-    device: torch.device | str = "cpu",
-    prefix: str = "knn",
+    train: Features, test: Features, num_classes: int, eval_config: EvalConfig, prefix: str = "knn"
 ) -> dict[str, float]:
     """``{f"{prefix}_top1": ..., f"{prefix}_top5": ...}`` for ``eval.feature``, plus per-feature entries
     ``{prefix}_top1_cls`` and ``{prefix}_top1_mean``."""
-    train_set, test_set = shard_sets
-    bank, bank_labels = extract_features(encoder, train_set, transform, eval_config.batch_size, device)
-    queries, query_labels = extract_features(encoder, test_set, transform, eval_config.batch_size, device)
-    num_classes = max(train_set.num_classes, int(bank_labels.max()) + 1)
+    (bank, bank_labels), (queries, query_labels) = train, test
     metrics: dict[str, float] = {}
     for feature in FEATURES:
         acc = knn_accuracy(
@@ -55,3 +58,11 @@ def knn_metrics(
             metrics[f"{prefix}_top1"] = acc["top1"]
             metrics[f"{prefix}_top5"] = acc["top5"]
     return metrics
+
+
+def encoder_knn_metrics(
+    encoder: MaskedViT, shard_sets: tuple[ShardSet, ShardSet], config: Config, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Extract the features of both splits with ``encoder`` and run :func:`knn_metrics`."""
+    train, test = split_features(encoder, shard_sets, config, device)
+    return knn_metrics(train, test, num_classes(shard_sets, train), config.eval)

@@ -42,10 +42,9 @@ from maskray.data import ImageTransform, ShardSet, build_loader, resolve_shards
 from maskray.engine.checkpoint import CONFIG_FILE, DEEPSPEED_DIR, ENCODER_FILE, encoder_from_state
 from maskray.errors import ConfigError, MaskrayError
 from maskray.eval.diagnostics import Diagnostics, diagnose, diagnostic_figure
-from maskray.eval.features import extract_features
 from maskray.eval.finetune import FinetuneConfig, finetune
 from maskray.eval.linear_probe import LinearProbeConfig, probe_metrics
-from maskray.eval.protocol import eval_shard_sets, eval_transform, knn_metrics
+from maskray.eval.protocol import eval_shard_sets, knn_metrics, num_classes, split_features
 from maskray.models import MaskedViT, build_encoder
 from maskray.tracking import RunLogger, find_or_create_run
 from maskray.tracking.compare import check_store, store_exists
@@ -177,7 +176,7 @@ def _step(checkpoint: Path, client: MlflowClient, run_id: str | None) -> int:
 
 def first_images(shard_set: ShardSet, config: Config, count: int) -> torch.Tensor:
     """(count, C, H, W): the first ``count`` images of a shard set through the eval transform."""
-    transform = eval_transform(config.model, config.data)
+    transform = ImageTransform.for_eval(config.model, config.data)
     loader = build_loader(shard_set, transform, batch_size=count, num_workers=0, drop_last=False)
     return next(iter(loader))["image"][:count]
 
@@ -189,11 +188,8 @@ def _probe(
     probe: LinearProbeConfig,
     device: str,
 ) -> dict[str, float]:
-    transform = eval_transform(config.model, config.data)
-    train = extract_features(encoder, shard_sets[0], transform, config.eval.batch_size, device)
-    test = extract_features(encoder, shard_sets[1], transform, config.eval.batch_size, device)
-    num_classes = max(shard_sets[0].num_classes, int(train[1].max()) + 1)
-    return probe_metrics(train, test, num_classes, config.eval.feature, probe)
+    train, test = split_features(encoder, shard_sets, config, device)
+    return probe_metrics(train, test, num_classes(shard_sets, train), config.eval.feature, probe)
 
 
 def _finetune(
@@ -203,11 +199,10 @@ def _finetune(
     settings: FinetuneConfig,
     device: str,
 ) -> dict[str, float]:
-    data = config.data
-    train = ImageTransform(config.model.img_size, train=True, crop_scale=data.crop_scale, hflip=data.hflip,
-                           mean=data.mean, std=data.std, in_chans=config.model.in_chans)
-    num_classes = max(shard_sets[0].num_classes, shard_sets[1].num_classes)
-    accuracy = finetune(encoder, shard_sets, num_classes, train, eval_transform(config.model, data), settings, device)
+    train, test = (ImageTransform.for_training(config.model, config.data),
+                   ImageTransform.for_eval(config.model, config.data))
+    classes = max(shard_sets[0].num_classes, shard_sets[1].num_classes)
+    accuracy = finetune(encoder, shard_sets, classes, train, test, settings, device)
     return {f"finetune_{key}": value for key, value in accuracy.items()}
 
 
@@ -231,11 +226,13 @@ def evaluate_checkpoint(
     metrics: dict[str, dict[str, float]] = {}
     random_init: dict[str, dict[str, float]] = {}
     diagnostics = None
+    if {"knn", "linear_probe"} & set(settings.kinds):  # one feature pass serves both
+        train, test = split_features(encoder, shard_sets, config, device)
+        classes = num_classes(shard_sets, train)
     if "knn" in settings.kinds:
-        transform = eval_transform(config.model, config.data)
-        metrics["knn"] = knn_metrics(encoder, shard_sets, config.eval, transform, device)
+        metrics["knn"] = knn_metrics(train, test, classes, config.eval)
     if "linear_probe" in settings.kinds:
-        metrics["linear_probe"] = _probe(encoder, shard_sets, config, settings.probe, device)
+        metrics["linear_probe"] = probe_metrics(train, test, classes, config.eval.feature, settings.probe)
         if config.eval.random_init:
             probe = _probe(_random_init_encoder(config, device), shard_sets, config, settings.probe, device)
             random_init["linear_probe"] = {f"{key}_random_init": value for key, value in probe.items()}
