@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -40,7 +41,7 @@ class ObjectiveOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class Objective(nn.Module):
+class Objective(nn.Module, ABC):
     """Base class. Subclasses set ``name`` and ``Config`` and implement :meth:`forward`.
 
     batch: ``{"image": (B, C, H, W) float, "label": (B,) int64, ...}`` as produced by the data pipeline.
@@ -54,8 +55,9 @@ class Objective(nn.Module):
         self.encoder = encoder
         self.params = params
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:  # pragma: no cover
-        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:
+        """Compute the loss (and metrics) of one micro-batch at optimizer step ``step``."""
 
     def figures(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Diagnostic matplotlib figures for a batch, ``{filename.png: figure}``. Default: none."""
