@@ -168,10 +168,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     if start >= last_step:
         return
-    final_weights = encoder_state(engine, objective)
     if logger:
-        if eval_sets:
-            trained = encoder_from_state(config, final_weights).to(device)
+        if eval_sets:  # the last step always checkpoints, so ``weights`` holds the final encoder
+            trained = encoder_from_state(config, weights).to(device)
             logger.log_metrics(encoder_knn_metrics(trained, eval_sets, config, device), last_step)
         logger.log_figure(loss_curve_figure(logger), "loss_curve.png")
         if engine.zero_optimization_stage() < 3:  # rank 0 holds every parameter
