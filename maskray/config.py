@@ -180,6 +180,20 @@ class Config(Section):
         update.tracking.uri = self.tracking.resolved_uri()
         return update
 
+    def run_tags(self) -> dict[str, str]:
+        """The MLflow tags of a run of this config (one definition for training and evaluation): objective,
+        backbone, dataset (the shard directory's last two path parts, e.g. ``demo/train``), dataset_path, plus
+        ``tracking.tags``."""
+        parts = self.objective.params.get("parts") if self.objective.name == "composite" else None
+        return {
+            "objective": self.objective.name,
+            **({"objective_parts": "+".join(str(part.get("name")) for part in parts)} if parts else {}),
+            "backbone": self.model.arch,
+            "dataset": "/".join(Path(self.data.shards).parts[-2:]),
+            "dataset_path": self.data.shards,
+            **self.tracking.tags,
+        }
+
     def flat(self) -> dict[str, Any]:
         """Flattened ``{"a.b": value}`` view for MLflow params."""
         return flatten(self.model_dump(mode="json"))
@@ -215,9 +229,10 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {dotted}: cannot parse value {raw!r}: {err.problem}") from None
 
 
-def _describe(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError, where: str = "") -> str:
+    """One line naming the first bad key (under ``where``): ``key 'objective.mask_ratio': <message>``."""
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
+    key = ".".join([*([where] if where else []), *(str(part) for part in first["loc"])]) or where
     if first["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
     return f"key '{key}': {first['msg']}"
@@ -246,15 +261,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     try:
         config = Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_describe(err)}") from None
-    from maskray.objective import get_objective
+        raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
+    from maskray.objective import validate_objective
 
     try:
-        objective = get_objective(config.objective.name)
-    except KeyError as err:
-        raise ConfigError(f"{source}: key 'objective.name': {err.args[0]}") from None
-    try:
-        objective.Config.model_validate(config.objective.params)
-    except ValidationError as err:
-        raise ConfigError(f"{source}: {_describe(err).replace(chr(39), chr(39) + 'objective.', 1)}") from None
+        validate_objective(config.objective.name, config.objective.params)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     return config

@@ -24,7 +24,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
-from maskray.engine.checkpoint import load_encoder
+from maskray.checkpoint import load_encoder
 from maskray.eval.runner import resolve_target
 
 

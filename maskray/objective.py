@@ -1,13 +1,27 @@
 """The Objective interface and registry (spec ``objectives.md`` section 9).
 
-An objective is an ``nn.Module`` that owns the shared encoder (``self.encoder``) plus whatever heads,
-decoders and teachers it needs, and turns a batch into a loss. DeepSpeed wraps the objective, so every
-trainable parameter it owns is optimised. Objectives live in plugin modules (``objectives/<name>.py``)
-and register themselves with :func:`register_objective`; the core never imports them by name.
+An objective is an ``nn.Module`` that owns the shared encoder (``self.encoder``) plus its trainable heads and
+decoders; DeepSpeed wraps it, so every parameter it owns is optimised and checkpointed. Everything else it
+needs it declares, and the core provides:
 
-Lookup order in :func:`get_objective`: already registered; entry points in the ``maskray.objectives``
-group; then the module ``<package>.<name>`` of each package in ``$MASKRAY_PLUGINS`` (default
-``objectives``), so dropping a file into ``objectives/`` is all a new objective needs.
+- **inputs** (:meth:`Objective.inputs`): how a decoded sample becomes tensors in the loader processes, as a
+  :class:`maskray.data.views.Views` (several crops of their own sizes, frame pairs, loader-made masks);
+- **passes** (:meth:`Objective.passes`): which (view, mask) the backbone runs (:mod:`maskray.passes`); the core
+  runs each distinct one once and hands the outputs to :meth:`Objective.loss`, so a composite of several
+  objectives shares the backbone pass;
+- **teachers** (:mod:`maskray.teachers`): ``EMATeacher`` / ``FrozenTeacher`` attributes are found by
+  :meth:`Objective.teachers`, moved to the device, kept out of the optimizer and out of the DeepSpeed module;
+  EMA teachers are updated after every optimizer step and saved with the checkpoint;
+- **state**: :meth:`Objective.extra_state` (queues, counters; identical on every rank) is checkpointed; each
+  rank's generators are seeded from (seed, rank) and checkpointed by the core (:mod:`maskray.context`);
+- **parameter groups** (:meth:`Objective.param_group_specs`): a learning-rate scale, weight decay or gradient
+  clipping for the parameters under a name prefix; weight-decay exclusions come from every submodule's
+  ``no_weight_decay()`` (timm's convention) plus 1-D parameters.
+
+Objectives live in plugin modules (``objectives/<name>.py``) and register themselves with
+:func:`register_objective`; the core never imports them by name. Lookup order in :func:`get_objective`: already
+registered; the core's own (``composite``); entry points in the ``maskray.objectives`` group; then the module
+``<package>.<name>`` of each package in ``$MASKRAY_PLUGINS`` (default ``objectives``).
 """
 
 from __future__ import annotations
@@ -18,13 +32,22 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from maskray.config import describe_validation_error
+from maskray.context import StepContext
+from maskray.errors import ConfigError
 from maskray.models import MaskedViT
+from maskray.passes import EncoderPass, PassOutput, run_passes
+from maskray.teachers import EMATeacher, Teacher
+
+if TYPE_CHECKING:
+    from maskray.config import DataConfig, ModelConfig
+    from maskray.data.views import Views
 
 
 class ObjectiveParams(BaseModel):
@@ -35,16 +58,30 @@ class ObjectiveParams(BaseModel):
 
 @dataclass
 class ObjectiveOutput:
-    """loss: scalar to minimise; metrics: scalars to log (detached), e.g. loss parts."""
+    """loss: scalar to minimise; metrics: detached scalars averaged over ranks and logged (loss parts, ...)."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class Objective(nn.Module, ABC):
-    """Base class. Subclasses set ``name`` and ``Config`` and implement :meth:`forward`.
+@dataclass(frozen=True)
+class ParamGroupSpec:
+    """Optimizer settings for the parameters whose name starts with ``prefix`` (as in ``named_parameters``; the
+    longest matching prefix wins): ``lr_scale`` multiplies the schedule's learning rate, ``weight_decay`` replaces
+    ``optim.weight_decay`` for its decayed parameters, ``max_grad_norm`` clips the group's gradient norm (after
+    the global ``optim.clip_grad``)."""
 
-    batch: ``{"image": (B, C, H, W) float, "label": (B,) int64, ...}`` as produced by the data pipeline.
+    prefix: str
+    lr_scale: float = 1.0
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+
+
+class Objective(nn.Module, ABC):
+    """Base class. Subclasses set ``Config``, declare :meth:`passes` and implement :meth:`loss`.
+
+    batch: ``{"key": [...], "label": (B,), <the entries of inputs()>}`` on the device, floating tensors in the
+    engine's compute dtype.
     """
 
     name: ClassVar[str] = ""
@@ -55,37 +92,109 @@ class Objective(nn.Module, ABC):
         self.encoder = encoder
         self.params = params
 
-    @abstractmethod
-    def forward(self, batch: dict[str, torch.Tensor], step: int) -> ObjectiveOutput:
-        """Compute the loss (and metrics) of one micro-batch at optimizer step ``step``."""
+    @classmethod
+    def check_config(cls, config: ObjectiveParams, where: str) -> None:
+        """Checks beyond :attr:`Config` (a composite validates its parts here); raise ConfigError naming the key
+        under ``where``. Default: none."""
 
-    def figures(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    # -- inputs and the step ---------------------------------------------------------------------------------------
+    def inputs(self, model: ModelConfig, data: DataConfig) -> Views:
+        """The sample transform run in the loader processes. Default: one training crop as ``"image"``."""
+        from maskray.data.transforms import ImageTransform
+        from maskray.data.views import Views
+
+        return Views(image=ImageTransform.for_training(model, data))
+
+    def passes(self) -> dict[str, EncoderPass]:
+        """The backbone passes :meth:`loss` needs, by name. Default: none (the objective calls what it needs)."""
+        return {}
+
+    @abstractmethod
+    def loss(self, batch: dict[str, Any], outputs: dict[str, PassOutput], ctx: StepContext) -> ObjectiveOutput:
+        """The loss of one micro-batch from the outputs of :meth:`passes` (``{pass name: PassOutput}``)."""
+
+    def forward(self, batch: dict[str, Any], ctx: StepContext) -> ObjectiveOutput:
+        return self.loss(batch, run_passes(self.encoder, batch, self.passes(), ctx.generator), ctx)
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def teachers(self) -> dict[str, Teacher]:
+        """Every :class:`~maskray.teachers.Teacher` attribute of this objective and of objectives inside it
+        (composite parts), by dotted name."""
+        found: dict[str, Teacher] = {}
+        for prefix, module in self.named_modules():
+            if isinstance(module, Objective):
+                for attribute, value in vars(module).items():
+                    if isinstance(value, Teacher):
+                        found[f"{prefix}.{attribute}" if prefix else attribute] = value
+        return found
+
+    def after_optimizer_step(self, ctx: StepContext) -> dict[str, float]:
+        """After each optimizer step (once per step, not per micro-batch): update every EMA teacher with its
+        schedule. Returns ``{"momentum/<teacher>": m}`` for logging. Collective under ZeRO-3: all ranks call it."""
+        return {
+            f"momentum/{name}": teacher.update(ctx.step, ctx.total_steps)
+            for name, teacher in self.teachers().items()
+            if isinstance(teacher, EMATeacher)
+        }
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """State beyond parameters, buffers and teachers that must survive a resume (identical on every rank:
+        rank 0's copy is saved). Default: none."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`extra_state` exactly."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no extra state, got {sorted(state)}")
+
+    def eval_encoder(self) -> nn.Module:
+        """The encoder that evaluation and export use (e.g. an EMA target encoder's ``module``). Default: the
+        trained encoder."""
+        return self.encoder
+
+    def figures(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Diagnostic matplotlib figures for a batch, ``{filename.png: figure}``. Default: none."""
         return {}
 
-    def after_optimizer_step(self, step: int) -> None:
-        """Hook after each optimizer step (EMA teachers, schedules). Default: nothing."""
-
+    # -- optimizer -------------------------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        """Parameter names (as in ``named_parameters``) excluded from weight decay besides 1-D ones."""
-        return {"encoder.vit.cls_token", "encoder.vit.pos_embed"}
+        """Parameter names excluded from weight decay besides 1-D ones: every submodule's own
+        ``no_weight_decay()`` (timm's ``VisionTransformer`` names its position embedding and tokens), prefixed."""
+        names: set[str] = set()
+        for prefix, module in self.named_modules():
+            if module is not self and not isinstance(module, Objective) and hasattr(module, "no_weight_decay"):
+                names |= {f"{prefix}.{name}" for name in module.no_weight_decay()}
+        return names
+
+    def param_group_specs(self) -> list[ParamGroupSpec]:
+        """The objective's own parameter groups (the one hook for them). Default: none."""
+        return []
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Two AdamW groups: decayed matrices, and undecayed biases/norms/tokens (timm's convention)."""
+        """AdamW groups: per :class:`ParamGroupSpec` (and one for the rest), decayed matrices and undecayed
+        biases / norms / tokens. Each group carries ``lr_scale`` and ``max_grad_norm`` for the engine."""
         skip = self.no_weight_decay()
-        decay, no_decay = [], []
+        specs = sorted(self.param_group_specs(), key=lambda spec: -len(spec.prefix))
+        groups: dict[tuple[int, bool], dict[str, Any]] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+            index = next((i for i, spec in enumerate(specs) if name.startswith(spec.prefix)), -1)
+            spec = specs[index] if index >= 0 else ParamGroupSpec("")
+            decay = not (param.ndim <= 1 or name in skip)
+            group = groups.setdefault((index, decay), {
+                "params": [],
+                "weight_decay": (weight_decay if spec.weight_decay is None else spec.weight_decay) if decay else 0.0,
+                "lr_scale": spec.lr_scale,
+                "max_grad_norm": spec.max_grad_norm,
+            })
+            group["params"].append(param)
+        return list(groups.values())
 
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 T = TypeVar("T", bound=type[Objective])
+CORE_OBJECTIVES = {"composite": "maskray.composite"}
 
 
 def register_objective(name: str) -> Callable[[T], T]:
@@ -109,6 +218,9 @@ def get_objective(name: str) -> type[Objective]:
     """Return the registered class for ``name``, loading plugins on demand; KeyError if unknown."""
     if name in OBJECTIVES:
         return OBJECTIVES[name]
+    if name in CORE_OBJECTIVES:
+        importlib.import_module(CORE_OBJECTIVES[name])
+        return OBJECTIVES[name]
     for point in entry_points(group="maskray.objectives"):
         if point.name == name:
             point.load()
@@ -126,7 +238,21 @@ def get_objective(name: str) -> type[Objective]:
     return OBJECTIVES[name]
 
 
+def validate_objective(name: str, params: dict[str, Any], where: str = "objective") -> ObjectiveParams:
+    """The validated config of objective ``name``; ConfigError naming ``<where>.name`` or ``<where>.<key>``."""
+    try:
+        cls = get_objective(name)
+    except KeyError as err:
+        raise ConfigError(f"key '{where}.name': {err.args[0]}") from None
+    try:
+        config = cls.Config.model_validate(params)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, where)) from None
+    cls.check_config(config, where)
+    return config
+
+
 def build_objective(name: str, params: dict[str, Any], encoder: MaskedViT) -> Objective:
     """Instantiate objective ``name`` around ``encoder`` with validated ``params``."""
-    cls = get_objective(name)
-    return cls(encoder, cls.Config.model_validate(params))
+    return get_objective(name)(encoder, validate_objective(name, params))
+

@@ -1,18 +1,22 @@
 """MAE: Masked Autoencoders Are Scalable Vision Learners (He et al. 2021).
 
-The encoder embeds and processes only the visible 25% of patches; a light decoder reconstructs the
-pixels of the removed ones; the loss is the per-patch MSE on removed patches against per-patch
-normalised targets (``norm_pix``).
+The encoder embeds and processes only the visible 25% of patches (one drop pass, the noise drawn from the rank's
+step generator); a light decoder reconstructs the pixels of the removed ones; the loss is the per-patch MSE on
+removed patches against per-patch normalised targets (``norm_pix``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pydantic import Field
 
+from maskray.context import StepContext
 from maskray.masking import masked_patch_loss, num_visible, patchify, random_mask_indices, unpatchify
 from maskray.models import MAEDecoder, MaskedViT
 from maskray.objective import Objective, ObjectiveOutput, ObjectiveParams, register_objective
+from maskray.passes import EncoderPass, MaskSpec, PassOutput
 
 
 class MAEParams(ObjectiveParams):
@@ -38,29 +42,29 @@ class MAE(Objective):
             depth=params.decoder_depth,
             num_heads=params.decoder_heads,
         )
-        self.num_keep = num_visible(encoder.num_patches, params.mask_ratio)
 
-    def forward(self, batch: dict[str, torch.Tensor], step: int, noise: torch.Tensor | None = None) -> ObjectiveOutput:
-        """batch["image"]: (B, C, H, W). ``noise`` (B, L) fixes the mask (tests, held-out loss)."""
+    def passes(self) -> dict[str, EncoderPass]:
+        return {"visible": EncoderPass("image", MaskSpec("random", ratio=self.params.mask_ratio))}
+
+    def loss(self, batch: dict[str, Any], outputs: dict[str, PassOutput], ctx: StepContext) -> ObjectiveOutput:
+        """batch["image"]: (B, C, H, W); outputs["visible"]: the encoder on its visible patches (B, 1+K, D)."""
+        visible = outputs["visible"]
+        pred = self.decoder(visible.out.tokens, visible.indices.ids_restore)  # (B, L, p*p*C)
         images = batch["image"]
-        if noise is None:
-            noise = torch.rand(images.shape[0], self.encoder.num_patches, device=images.device)
-        masking = random_mask_indices(noise, self.num_keep)
-        latent = self.encoder.forward_tokens(images, ids_keep=masking.ids_keep).tokens  # (B, 1+K, D)
-        pred = self.decoder(latent, masking.ids_restore)  # (B, L, p*p*C)
-        loss = masked_patch_loss(pred, images, masking.mask, self.encoder.patch_size, self.params.norm_pix)
-        return ObjectiveOutput(loss=loss, metrics={"mask_ratio": masking.mask.mean().detach()})
+        loss = masked_patch_loss(pred, images, visible.mask, self.encoder.patch_size, self.params.norm_pix)
+        return ObjectiveOutput(loss=loss, metrics={"mask_ratio": visible.mask.mean().detach()})
 
     @torch.no_grad()
-    def figures(self, batch: dict[str, torch.Tensor], count: int = 8) -> dict[str, object]:
+    def figures(self, batch: dict[str, Any], count: int = 8) -> dict[str, object]:
         """``reconstructions.png``: input, visible patches, reconstruction (visible patches pasted back)."""
         from maskray.tracking.figures import image_rows_figure
 
         images = batch["image"][:count]
         patch, grid, channels = self.encoder.patch_size, self.encoder.grid_size, self.encoder.in_chans
-        masking = random_mask_indices(torch.rand(images.shape[0], self.encoder.num_patches, device=images.device),
-                                      self.num_keep)
-        pred = self.decoder(self.encoder.forward_tokens(images, ids_keep=masking.ids_keep).tokens, masking.ids_restore)
+        noise = torch.rand(images.shape[0], self.encoder.num_patches, device=images.device,
+                           generator=torch.Generator(images.device).manual_seed(0))
+        masking = random_mask_indices(noise, num_visible(self.encoder.num_patches, self.params.mask_ratio))
+        pred = self.decoder(self.encoder(images, ids_keep=masking.ids_keep).tokens, masking.ids_restore)
         target = patchify(images, patch).float()
         pred = pred.float()
         if self.params.norm_pix:  # undo the per-patch normalisation with the true patch statistics

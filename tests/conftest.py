@@ -13,6 +13,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # tensors when a test also sets MASKRAY_TRITON_INTERPRET=1 (tests/test_kernels.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 REPO = Path(__file__).resolve().parents[1]
+# Test-only objectives (tests/plugins/maskray_testing), importable here and in Ray workers.
+PLUGINS = REPO / "tests" / "plugins"
+sys.path.insert(0, str(PLUGINS))
+os.environ["MASKRAY_PLUGINS"] = "objectives,maskray_testing"
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +25,8 @@ def ray_session():
     """A local Ray with 2 CPUs, shared by every test that needs one."""
     import ray
 
-    ray.init(num_cpus=2, runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    env = {key: os.environ[key] for key in ("PYTHONPATH", "MASKRAY_PLUGINS")} | {"PYTHONUNBUFFERED": "1"}
+    ray.init(num_cpus=2, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 
@@ -33,3 +39,22 @@ def demo_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "demo"
     subprocess.run([sys.executable, str(REPO / "launch" / "make_shards.py"), "demo", str(out)], check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-process gloo group on 127.0.0.1, for DeepSpeed engines inside the test process."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    os.environ.update(env)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    for key in env:
+        os.environ.pop(key, None)

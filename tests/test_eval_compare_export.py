@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from maskray.checkpoint import CONFIG_FILE, ENCODER_FILE
 from maskray.config import load_config
 from maskray.data import Sample, write_shards
-from maskray.engine.checkpoint import CONFIG_FILE, ENCODER_FILE
 from maskray.errors import ConfigError
 from maskray.eval import knn_accuracy
 from maskray.eval.diagnostics import (

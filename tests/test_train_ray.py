@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from maskray.config import load_config
 from maskray.engine.driver import run_pretraining
-from maskray.engine.schedule import warmup_cosine
+from maskray.schedules import warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 

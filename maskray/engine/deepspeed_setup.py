@@ -7,8 +7,10 @@ from typing import Any
 import torch
 
 from maskray.config import Config
-from maskray.engine.schedule import warmup_cosine
+from maskray.distributed import gathered
+from maskray.engine.optimizer import GroupClippedAdamW
 from maskray.objective import Objective
+from maskray.schedules import warmup_cosine
 
 
 def use_bf16(config: Config, device: torch.device) -> bool:
@@ -35,18 +37,35 @@ def deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict[str, A
     return ds
 
 
+def build_optimizer(objective: Objective, config: Config) -> torch.optim.Optimizer:
+    """AdamW over the objective's parameter groups, each at ``lr * lr_scale``; a :class:`GroupClippedAdamW` when a
+    group sets ``max_grad_norm``."""
+    base_lr = config.learning_rate()
+    groups = []
+    for group in objective.param_groups(config.optim.weight_decay):
+        group = dict(group)
+        group["lr"] = base_lr * group.pop("lr_scale")
+        groups.append(group)
+    if any(group["max_grad_norm"] is not None for group in groups):
+        return GroupClippedAdamW(groups, partitioned=config.train.zero_stage > 0, lr=base_lr, betas=config.optim.betas)
+    return torch.optim.AdamW(groups, lr=base_lr, betas=config.optim.betas)
+
+
 def build_engine(objective: Objective, config: Config, world_size: int, bf16: bool):
-    """Wrap ``objective`` in a DeepSpeed engine with a torch AdamW and the warmup-cosine schedule.
+    """Wrap ``objective`` in a DeepSpeed engine with its optimizer and the warmup-cosine schedule.
 
     The schedule is a ``LambdaLR`` so DeepSpeed steps it at every optimizer step and saves it in the
-    checkpoint. Returns the engine.
+    checkpoint. Under ZeRO-3 the parameters that modules read outside their owners' forward are registered as
+    external parameters first. Returns the engine.
     """
     import deepspeed
 
+    if config.train.zero_stage == 3:
+        from maskray.models.zero import register_external_parameters
+
+        register_external_parameters(objective)
     base_lr = config.learning_rate()
-    optimizer = torch.optim.AdamW(
-        objective.param_groups(config.optim.weight_decay), lr=base_lr, betas=config.optim.betas
-    )
+    optimizer = build_optimizer(objective, config)
 
     def multiplier(step: int) -> float:
         return warmup_cosine(
@@ -54,23 +73,18 @@ def build_engine(objective: Objective, config: Config, world_size: int, bf16: bo
         ) / base_lr
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    ds_config = deepspeed_config(config, world_size, bf16)
+    if isinstance(optimizer, GroupClippedAdamW):  # ZeRO accepts other optimizer types only when told to
+        ds_config["zero_allow_untested_optimizer"] = True
     engine, _, _, _ = deepspeed.initialize(
-        model=objective,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(config, world_size, bf16),
+        model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine
 
 
-def encoder_state(engine, objective: Objective) -> dict[str, torch.Tensor]:
-    """The encoder's timm state dict in fp32 on CPU. Collective under ZeRO-3: call it on every rank."""
-    import deepspeed
-
-    params = list(objective.encoder.parameters())
-    if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            state = objective.encoder.timm_state_dict()
-    else:
-        state = objective.encoder.timm_state_dict()
+def encoder_state(objective: Objective) -> dict[str, torch.Tensor]:
+    """The evaluation encoder's timm state dict in fp32 on CPU. Collective under ZeRO-3: call it on every rank."""
+    encoder = objective.eval_encoder()
+    with gathered(encoder.parameters()):
+        state = encoder.timm_state_dict()
     return {key: value.float() for key, value in state.items()}

@@ -62,14 +62,9 @@ def run_pretraining(config: Config, run_name: str | None = None, max_steps: int 
     validate_inputs(config)
     run_name = run_name or default_run_name(config)
     tracking_uri = config.tracking.resolved_uri()
-    tags = {
-        "objective": config.objective.name,
-        "backbone": config.model.arch,
-        "dataset": "/".join(Path(config.data.shards).parts[-2:]),  # e.g. "demo/train"
-        "dataset_path": config.data.shards,
-        **config.tracking.tags,
-    }
-    run_id, resumed = find_or_create_run(tracking_uri, config.tracking.experiment, run_name, config.flat(), tags)
+    run_id, resumed = find_or_create_run(
+        tracking_uri, config.tracking.experiment, run_name, config.flat(), config.run_tags()
+    )
     storage = Path(config.tracking.storage_path)
     storage.mkdir(parents=True, exist_ok=True)
 

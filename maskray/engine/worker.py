@@ -1,9 +1,12 @@
 """The per-worker training loop that Ray Train runs on every worker (``train_loop_per_worker``).
 
-Each worker builds the encoder and objective, wraps them in a DeepSpeed engine, streams its split of the
-shards, and runs ``train.steps`` optimizer steps. Every ``train.checkpoint_every`` steps all ranks save
-their DeepSpeed shard and call ``ray.train.report`` with it. Rank 0 logs to the MLflow run that the driver
-created and runs the k-NN evaluation (random init before the first step, pretrained at the end).
+Each worker builds the encoder and objective (same weights on every rank: seeded with ``train.seed``), then
+seeds its own generators from (seed, rank), wraps the objective in a DeepSpeed engine, moves the objective's
+teachers to the device, streams its split of the shards through the objective's own input transform, and runs
+``train.steps`` optimizer steps. After each optimizer step the objective's EMA teachers are updated. Every
+``train.checkpoint_every`` steps all ranks save their training state and call ``ray.train.report`` with it. Rank
+0 logs to the MLflow run that the driver created (every objective metric averaged over ranks) and runs the k-NN
+evaluation (random init before the first step, pretrained at the end).
 """
 
 from __future__ import annotations
@@ -13,32 +16,74 @@ import os
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from maskray.checkpoint import encoder_from_state
 from maskray.config import Config
-from maskray.data import ImageTransform, infinite_batches, resolve_shards
-from maskray.engine.checkpoint import encoder_from_state, load_checkpoint, save_checkpoint
+from maskray.context import RankRandomness, StepContext
+from maskray.data import batch_size, infinite_batches, resolve_shards
 from maskray.engine.deepspeed_setup import build_engine, encoder_state, use_bf16
+from maskray.engine.training_state import load_training_state, save_training_state
 from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
 from maskray.models import build_encoder
-from maskray.objective import build_objective
+from maskray.objective import Objective, build_objective
 from maskray.tracking import RunLogger
 from maskray.tracking.figures import loss_curve_figure
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Move tensors to ``device``; floating tensors take the engine's compute dtype."""
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        moved[key] = value
-    return moved
+def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move the tensors of a (nested dict / list) batch to ``device``; floating ones take the compute dtype."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {key: to_device(value, device, dtype) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device, dtype) for value in batch)
+    return batch
+
+
+@dataclass
+class StepRecord:
+    """What one optimizer step produced: the mean loss over its micro-batches, the images it saw, samples the
+    loader skipped, seconds waiting for data, and the mean of each metric."""
+
+    loss: float
+    images: int
+    skipped: int
+    wait: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def optimizer_step(
+    engine, objective: Objective, batches: Iterator[dict], ctx: StepContext, accum: int, device, dtype
+) -> StepRecord:
+    """``accum`` micro-batches (DeepSpeed steps the optimizer at the last), then the objective's after-step hook
+    (EMA teachers: once per optimizer step, never per micro-batch)."""
+    wait = loss_sum = 0.0
+    images = skipped = 0
+    metrics: dict[str, float] = defaultdict(float)
+    for micro in range(accum):
+        start = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - start
+        skipped += int(batch.get("skipped", 0))
+        images += batch_size(batch)
+        ctx.micro_step = micro
+        out = engine(to_device(batch, device, dtype), ctx)
+        engine.backward(out.loss)
+        engine.step()
+        loss_sum += out.loss.detach().float().item()
+        for key, value in out.metrics.items():
+            metrics[key] += float(value) / accum
+    metrics.update(objective.after_optimizer_step(ctx))
+    return StepRecord(loss_sum / accum, images, skipped, wait, dict(metrics))
 
 
 class WindowStats:
@@ -50,37 +95,38 @@ class WindowStats:
 
     def reset(self) -> None:
         self.loss = self.steps = self.images = self.skipped = self.wait = self.busy = 0.0
+        self.metrics: dict[str, float] = defaultdict(float)
         self.start = time.perf_counter()
 
-    def add(self, loss: float, images: int, skipped: int, wait: float, busy: float) -> None:
-        self.loss += loss
+    def add(self, record: StepRecord, busy: float) -> None:
+        self.loss += record.loss
         self.steps += 1
-        self.images += images
-        self.skipped += skipped
-        self.wait += wait
+        self.images += record.images
+        self.skipped += record.skipped
+        self.wait += record.wait
         self.busy += busy
+        for key, value in record.metrics.items():
+            self.metrics[key] += value
 
     def reduce(self) -> dict[str, float]:
-        """Collective: every rank calls it at the same step."""
+        """Collective: every rank calls it at the same step (with the same metric names)."""
+        names = sorted(self.metrics)
         totals = torch.tensor(
-            [self.loss, self.steps, self.images, self.skipped, self.wait, self.busy], dtype=torch.float64
+            [self.loss, self.steps, self.images, self.skipped, self.wait, self.busy, *(self.metrics[n] for n in names)],
+            dtype=torch.float64,
         ).to(self.device)
         if dist.is_initialized():
             dist.all_reduce(totals)
-        loss, steps, images, skipped, wait, busy = totals.tolist()
+        values = totals.tolist()
+        loss, steps, images, skipped, wait, busy = values[:6]
         elapsed = time.perf_counter() - self.start
         return {
             "loss": loss / max(steps, 1.0),
             "images_per_s": images / max(elapsed, 1e-9),
             "data_wait_frac": wait / max(busy, 1e-9),
             "skipped_samples_window": skipped,
+            **{name: value / max(steps, 1.0) for name, value in zip(names, values[6:], strict=True)},
         }
-
-
-def _next_batch(batches: Iterator[dict]) -> tuple[dict, float]:
-    start = time.perf_counter()
-    batch = next(batches)
-    return batch, time.perf_counter() - start
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -98,19 +144,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    torch.manual_seed(config.train.seed)
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     encoder = build_encoder(config.model)
     objective = build_objective(config.objective.name, config.objective.params, encoder)
     initial_weights = encoder.timm_state_dict() if rank == 0 else None
+    randomness = RankRandomness(config.train.seed, rank, device)
     bf16 = use_bf16(config, device)
     engine = build_engine(objective, config, world, bf16)
+    for teacher in objective.teachers().values():
+        teacher.to(device)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            start, run_id = load_checkpoint(engine, directory)
+            start, run_id = load_training_state(engine, objective, randomness, directory, rank)
     logger = RunLogger(loop_config["tracking_uri"], run_id) if rank == 0 else None
     eval_sets = eval_shard_sets(config.eval) if rank == 0 else None
 
@@ -122,31 +171,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     del initial_weights
 
     shards = resolve_shards(config.data.shards)
-    transform = ImageTransform.for_training(config.model, config.data)
     batches = infinite_batches(
-        shards, transform, batch_size=config.data.batch_size, rank=rank, world_size=world,
-        num_workers=config.data.num_workers, resampled=config.data.resampled,
+        shards, objective.inputs(config.model, config.data), batch_size=config.data.batch_size, rank=rank,
+        world_size=world, num_workers=config.data.num_workers, resampled=config.data.resampled,
         shuffle_buffer=config.data.shuffle_buffer, seed=config.train.seed * 1_000_003 + start,
         multiprocessing_context="forkserver" if config.data.num_workers > 0 else None,
     )
     stats = WindowStats(device)
     skipped_total = 0.0
-    accum = config.optim.grad_accum
     for step in range(start, last_step):
         step_start = time.perf_counter()
-        wait = loss_sum = 0.0
-        skipped = images = 0
-        for _ in range(accum):
-            batch, waited = _next_batch(batches)
-            wait += waited
-            skipped += int(batch.get("skipped", 0))
-            images += batch["image"].shape[0]
-            out = engine(to_device(batch, device, dtype), step)
-            engine.backward(out.loss)
-            engine.step()
-            loss_sum += out.loss.detach().float().item()
-        objective.after_optimizer_step(step)
-        stats.add(loss_sum / accum, images, skipped, wait, time.perf_counter() - step_start)
+        ctx = StepContext(step, config.train.steps, rank, world, seed=config.train.seed, generator=randomness.generator)
+        record = optimizer_step(engine, objective, batches, ctx, config.optim.grad_accum, device, dtype)
+        stats.add(record, time.perf_counter() - step_start)
         done = step + 1
         if done % config.train.log_every == 0 or done == last_step:
             window = stats.reduce()
@@ -159,9 +196,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                       f"lr {lr:.2e} {window['images_per_s']:.0f} img/s", file=sys.__stdout__, flush=True)
             stats.reset()
         if done % config.train.checkpoint_every == 0 or done == last_step:
-            weights = encoder_state(engine, objective)
+            weights = encoder_state(objective)
             with tempfile.TemporaryDirectory() as directory:
-                save_checkpoint(engine, directory, done, run_id, weights if rank == 0 else None, config)
+                save_training_state(engine, objective, randomness, directory, done, run_id, rank,
+                                    weights if rank == 0 else None, config)
                 if dist.is_initialized():
                     dist.barrier()
                 ray.train.report({"step": done}, checkpoint=Checkpoint.from_directory(directory))
@@ -174,7 +212,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logger.log_metrics(encoder_knn_metrics(trained, eval_sets, config, device), last_step)
         logger.log_figure(loss_curve_figure(logger), "loss_curve.png")
         if engine.zero_optimization_stage() < 3:  # rank 0 holds every parameter
-            for filename, figure in objective.figures(to_device(batch, device, dtype)).items():
+            sample = to_device(next(batches), device, dtype)
+            for filename, figure in objective.figures(sample).items():
                 logger.log_figure(figure, filename)
     if dist.is_initialized():
         dist.barrier()

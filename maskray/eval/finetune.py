@@ -35,8 +35,8 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from maskray.data import ShardSet, build_loader
-from maskray.engine.schedule import warmup_cosine
 from maskray.models import MaskedViT
+from maskray.schedules import warmup_cosine
 
 Transform = Callable[[Image.Image], torch.Tensor]
 _BLOCK = re.compile(r"blocks\.(\d+)\.")

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maskray.engine.schedule import warmup_cosine
 from maskray.eval.features import FEATURES
+from maskray.schedules import warmup_cosine
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from maskray.checkpoint import (
+    ENCODER_FILE,
+    checkpoint_step,
+    encoder_from_state,
+    latest_checkpoint,
+    read_checkpoint_config,
+)
 from maskray.config import Config, TrackingConfig
 from maskray.data import ImageTransform, ShardSet, build_loader, resolve_shards
-from maskray.engine.checkpoint import CONFIG_FILE, DEEPSPEED_DIR, ENCODER_FILE, encoder_from_state
 from maskray.errors import ConfigError, MaskrayError
 from maskray.eval.diagnostics import Diagnostics, diagnose, diagnostic_figure
 from maskray.eval.finetune import FinetuneConfig, finetune
@@ -89,31 +95,6 @@ class EvalOutput:
     diagnostics: Diagnostics | None
 
 
-def checkpoint_step(directory: Path) -> int | None:
-    """The step of a maskray checkpoint from ``ds/latest`` (``step<N>``), None when it has none."""
-    latest = directory / DEEPSPEED_DIR / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The ``checkpoint_*`` directory of a Ray run directory with the highest step that holds an encoder."""
-    candidates = [path for path in run_dir.glob("checkpoint_*") if (path / ENCODER_FILE).is_file()]
-    if not candidates:
-        raise ConfigError(f"no checkpoint with {ENCODER_FILE} under '{run_dir}'")
-    return max(candidates, key=lambda path: (checkpoint_step(path) or -1, path.name))
-
-
-def read_checkpoint_config(checkpoint: Path) -> Config:
-    """The run config stored in a checkpoint directory (ConfigError when it is not a maskray checkpoint)."""
-    for name in (CONFIG_FILE, ENCODER_FILE):
-        if not (checkpoint / name).is_file():
-            raise ConfigError(f"--checkpoint: '{checkpoint}' has no {name} (not a maskray checkpoint)")
-    return Config.model_validate(json.loads((checkpoint / CONFIG_FILE).read_text()))
-
-
 def resolve_target(
     tracking_uri: str | None = None,
     run_id: str | None = None,
@@ -138,9 +119,7 @@ def resolve_target(
         run_name = path.parent.name
         run_id = find_run(client, config.tracking.experiment, run_name)
         if run_id is None and create_run:
-            tags = {"objective": config.objective.name, "backbone": config.model.arch,
-                    "dataset": Path(config.data.shards).name or config.data.shards, **config.tracking.tags}
-            run_id, _ = find_or_create_run(uri, config.tracking.experiment, run_name, config.flat(), tags)
+            run_id, _ = find_or_create_run(uri, config.tracking.experiment, run_name, config.flat(), config.run_tags())
             client.set_terminated(run_id, "FINISHED")
         return EvalTarget(path, _step(path, client, run_id), uri, run_id)
 

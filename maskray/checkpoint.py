@@ -1,0 +1,70 @@
+"""The checkpoint directory format and its read side (evaluation, export and training all use it).
+
+Layout of one reported checkpoint (Ray merges the per-rank directories):
+
+- ``ds/<tag>/...``: DeepSpeed files (each rank writes its own ZeRO shard), ``ds/latest`` names the tag ``step<N>``;
+- ``encoder.safetensors``: the encoder that evaluation and export use, as a timm state dict in fp32;
+- ``model.json``: the run config;
+- ``objective_state.pt`` (from rank 0): the objective's teachers and extra state, and ``rng/rank<r>.pt``: each
+  rank's generator states (written since the objective platform; older checkpoints lack them).
+
+Writing belongs to :mod:`maskray.engine.training_state`; everything here only reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from maskray.config import Config
+from maskray.errors import ConfigError
+from maskray.models import MaskedViT, build_encoder
+
+DEEPSPEED_DIR = "ds"
+ENCODER_FILE = "encoder.safetensors"
+CONFIG_FILE = "model.json"
+OBJECTIVE_STATE_FILE = "objective_state.pt"
+RNG_DIR = "rng"
+
+
+def encoder_from_state(config: Config, state: dict[str, torch.Tensor]) -> MaskedViT:
+    """A fresh encoder with ``state`` (a timm state dict) loaded strictly."""
+    encoder = build_encoder(config.model)
+    encoder.vit.load_state_dict(state, strict=True)
+    return encoder
+
+
+def read_checkpoint_config(checkpoint: str | os.PathLike) -> Config:
+    """The run config stored in a checkpoint directory (ConfigError when it is not a maskray checkpoint)."""
+    path = Path(checkpoint)
+    for name in (CONFIG_FILE, ENCODER_FILE):
+        if not (path / name).is_file():
+            raise ConfigError(f"--checkpoint: '{path}' has no {name} (not a maskray checkpoint)")
+    return Config.model_validate(json.loads((path / CONFIG_FILE).read_text()))
+
+
+def load_encoder(directory: str | os.PathLike) -> tuple[MaskedViT, Config]:
+    """Load the encoder and config stored in a checkpoint directory."""
+    config = read_checkpoint_config(directory)
+    return encoder_from_state(config, load_file(str(Path(directory, ENCODER_FILE)))), config
+
+
+def checkpoint_step(directory: str | os.PathLike) -> int | None:
+    """The step of a maskray checkpoint from ``ds/latest`` (``step<N>``), None when it has none."""
+    latest = Path(directory) / DEEPSPEED_DIR / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The ``checkpoint_*`` directory of a Ray run directory with the highest step that holds an encoder."""
+    candidates = [path for path in Path(run_dir).glob("checkpoint_*") if (path / ENCODER_FILE).is_file()]
+    if not candidates:
+        raise ConfigError(f"no checkpoint with {ENCODER_FILE} under '{run_dir}'")
+    return max(candidates, key=lambda path: (checkpoint_step(path) or -1, path.name))

@@ -1,0 +1,140 @@
+"""Teachers: networks an objective learns from that the optimizer never touches.
+
+Both kinds are plain objects, not ``nn.Module`` attributes of the objective, so DeepSpeed neither optimises,
+partitions, casts to bf16 nor checkpoints them with the student; the engine moves them to the device and the
+training state saves what must be saved:
+
+- :class:`EMATeacher`: an fp32 copy of student modules, updated ``θ_t <- m θ_t + (1 - m) θ_s`` once per optimizer
+  step (never per micro-batch) with a momentum schedule ``m(step, total_steps)``; optionally floating buffers too
+  (LUT averages BatchNorm statistics). Under ZeRO-3 the partitioned student is gathered for the update. Saved in
+  every checkpoint (``objective_state.pt``).
+- :class:`FrozenTeacher`: a fixed network (built from a file or an earlier run), in eval mode, in the precision it
+  asks for; rebuilt from its source on resume, never saved. Its ``source`` and weights' ``sha256`` are recorded.
+
+Calling a teacher runs its module under ``no_grad`` in eval mode; with bf16 inputs an fp32 teacher computes under
+bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from maskray.distributed import gathered
+
+Momentum = Callable[[int, int], float]
+
+
+class Teacher:
+    """Base: ``module`` runs under no_grad in eval mode; ``persistent`` teachers are saved in checkpoints."""
+
+    persistent = False
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+        self.module = module.to(dtype).eval().requires_grad_(False)
+        self.dtype = dtype
+
+    def to(self, device: torch.device | str) -> Teacher:
+        self.module.to(device)
+        return self
+
+    def parameters(self):
+        return self.module.parameters()
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.module.eval()
+        values = (*args, *kwargs.values())
+        tensors = [value for value in values if isinstance(value, torch.Tensor) and value.is_floating_point()]
+        autocast = bool(tensors) and tensors[0].dtype == torch.bfloat16 and self.dtype == torch.float32
+        device_type = tensors[0].device.type if tensors else "cpu"
+        if not autocast:
+            args = tuple(_cast(arg, self.dtype) for arg in args)
+            kwargs = {key: _cast(value, self.dtype) for key, value in kwargs.items()}
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            return self.module(*args, **kwargs)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: value.detach().cpu().clone() for key, value in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state, strict=True)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+class EMATeacher(Teacher):
+    """An exponential moving average of ``student`` (kept in fp32).
+
+    Args:
+        student: the student module to follow, a submodule of the objective. Build the teacher in the objective's
+            ``__init__``, before DeepSpeed wraps (and under ZeRO-3 partitions) the student.
+        momentum: ``m(step, total_steps)`` for the update after optimizer step ``step`` (0-based), e.g.
+            ``functools.partial(maskray.schedules.cosine_schedule, start=0.996, end=1.0)``.
+        include_buffers: average floating buffers too (integer buffers such as ``num_batches_tracked`` are copied).
+    """
+
+    persistent = True
+
+    def __init__(self, student: nn.Module, momentum: Momentum, include_buffers: bool = False) -> None:
+        super().__init__(copy.deepcopy(student), torch.float32)
+        self.student = student  # a reference (a Teacher is no nn.Module, so nothing is registered)
+        self.momentum = momentum
+        self.include_buffers = include_buffers
+        self.last_momentum = float("nan")
+
+    @torch.no_grad()
+    def update(self, step: int, total_steps: int) -> float:
+        """Apply one EMA step for optimizer step ``step``; returns the momentum used. Collective under ZeRO-3."""
+        m = float(self.momentum(step, total_steps))
+        if not 0.0 <= m <= 1.0:
+            raise ValueError(f"EMA momentum must be in [0, 1], got {m} at step {step}")
+        student_params = list(self.student.parameters())
+        with gathered(student_params):
+            for target, source in zip(self.module.parameters(), student_params, strict=True):
+                target.mul_(m).add_(source.detach().to(target.dtype), alpha=1.0 - m)
+        if self.include_buffers:
+            for target, source in zip(self.module.buffers(), self.student.buffers(), strict=True):
+                if target.is_floating_point():
+                    target.mul_(m).add_(source.to(target.dtype), alpha=1.0 - m)
+                else:
+                    target.copy_(source)
+        self.last_momentum = m
+        return m
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FrozenTeacher(Teacher):
+    """A fixed network. ``source`` says where it came from (a path or run id), ``sha256`` its weights' hash."""
+
+    def __init__(
+        self, module: nn.Module, dtype: torch.dtype = torch.float32, source: str = "", sha256: str = ""
+    ) -> None:
+        super().__init__(module, dtype)
+        self.source, self.sha256 = source, sha256
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> FrozenTeacher:
+        """The encoder of a maskray checkpoint directory (``encoder.safetensors`` + ``model.json``)."""
+        from maskray.checkpoint import ENCODER_FILE, load_encoder
+
+        encoder, _ = load_encoder(directory)
+        path = Path(directory)
+        return cls(encoder, dtype, source=str(path.resolve()), sha256=file_sha256(path / ENCODER_FILE))
