@@ -25,6 +25,7 @@ from maskray.data import (
     MANIFEST_NAME,
     ImageTransform,
     Sample,
+    Views,
     build_loader,
     demo,
     image_folder,
@@ -40,7 +41,7 @@ from maskray.data.manifest import write_manifest
 from maskray.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
-EVAL = ImageTransform(8, train=False)
+EVAL = Views(image=ImageTransform(8, train=False))
 
 
 def _png(seed: int, size: int = 8, mode: str = "L", fmt: str = "PNG") -> bytes:
@@ -52,7 +53,8 @@ def _png(seed: int, size: int = 8, mode: str = "L", fmt: str = "PNG") -> bytes:
 
 def _samples(n: int, labelled: bool = True, corrupt: tuple[int, ...] = ()) -> list[Sample]:
     return [
-        Sample(f"s{i:03d}", b"not an image" if i in corrupt else _png(i), "png", i % 3 if labelled else None)
+        Sample(f"s{i:03d}", image=b"not an image" if i in corrupt else _png(i), ext="png",
+               label=i % 3 if labelled else None)
         for i in range(n)
     ]
 
@@ -100,8 +102,9 @@ def test_manifest_columns_match_tar_contents(tmp_path):
     assert shards.num_classes == 3 and shards.class_names == ("a", "b", "c") and shards.labelled
 
     table = read_manifest(tmp_path)
-    assert table.column_names == ["shard", "key", "label", "nbytes", "sha256"]
-    assert table.schema.field("label").type == pa.int64() and table.schema.field("nbytes").type == pa.int64()
+    assert table.column_names == ["shard", "key", "label", "nbytes", "sha256", "frames"]
+    assert all(table.schema.field(name).type == pa.int64() for name in ("label", "nbytes", "frames"))
+    assert set(table["frames"].to_pylist()) == {1}
     metadata = table.schema.metadata
     assert metadata[b"num_classes"] == b"3" and json.loads(metadata[b"class_names"]) == ["a", "b", "c"]
     assert metadata[b"source"] == b"unit test"
@@ -139,10 +142,10 @@ def test_overwrite_refusal_and_overwrite(tmp_path):
 
 def test_duplicate_and_invalid_keys_are_rejected(tmp_path):
     with pytest.raises(DataError) as excinfo:
-        write_shards([Sample("k", _png(0), "png"), Sample("k", _png(1), "png")], tmp_path / "a", progress=False)
+        write_shards([Sample("k", {"png": _png(0)}), Sample("k", {"png": _png(1)})], tmp_path / "a", progress=False)
     _one_line_error(excinfo, "duplicate", "'k'")
     with pytest.raises(DataError, match="no dots"):
-        write_shards([Sample("a.b", _png(0), "png")], tmp_path / "b", progress=False)
+        write_shards([Sample("a.b", {"png": _png(0)})], tmp_path / "b", progress=False)
 
 
 # --- resolve_shards -----------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ def test_resolve_shards_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     write_manifest(
         tmp_path / "empty",
-        {"shard": [], "key": [], "label": [], "nbytes": [], "sha256": []},
+        {"shard": [], "key": [], "label": [], "nbytes": [], "sha256": [], "frames": []},
         num_classes=0,
         class_names=(),
         source="",
@@ -247,7 +250,8 @@ def test_infinite_batches_crosses_epochs_and_rejects_starved_ranks(tmp_path):
 
 def test_loader_pipeline_and_transforms_pickle(tmp_path):
     shards = _write(tmp_path, 5, 10)
-    loader = build_loader(shards, ImageTransform(8, train=True), batch_size=2, num_workers=2, shuffle_buffer=4)
+    transform = Views(image=ImageTransform(8, train=True))
+    loader = build_loader(shards, transform, batch_size=2, num_workers=2, shuffle_buffer=4)
     dataset = pickle.loads(pickle.dumps(loader.pipeline[0].dataset))  # what forkserver workers receive
     assert sum(len(batch["key"]) for batch in dataset) == 4  # drop_last
 
@@ -278,13 +282,13 @@ def test_image_folder_with_class_subfolders(tmp_path):
     source = image_folder(root)
     assert source.class_names == ("cat", "dog") and source.total == 4
     samples = {s.key: s for s in source.samples()}
-    assert {k: (s.label, s.ext) for k, s in samples.items()} == {
-        "cat_a": (0, "png"),
-        "cat_b_v2": (0, "jpg"),
-        "dog_sub_c": (1, "png"),  # BMP re-encoded
-        "top": (None, "png"),
+    assert {k: (s.label, list(s.members)) for k, s in samples.items()} == {
+        "cat_a": (0, ["png"]),
+        "cat_b_v2": (0, ["jpg"]),
+        "dog_sub_c": (1, ["png"]),  # BMP re-encoded
+        "top": (None, ["png"]),
     }
-    assert samples["cat_b_v2"].image == (root / "cat/b.v2.jpg").read_bytes()
+    assert samples["cat_b_v2"].members["jpg"] == (root / "cat/b.v2.jpg").read_bytes()
     shards = write_shards(source.samples(), tmp_path / "out", class_names=source.class_names, progress=False)
     assert shards.num_classes == 2 and read_manifest(tmp_path / "out")["label"].to_pylist() == [0, 0, 1, -1]
     with pytest.raises(DataError, match="does not exist"):
@@ -300,7 +304,7 @@ def test_parquet_source_huggingface_layout(tmp_path):
     source = parquet_file(tmp_path / "d.parquet")
     assert source.class_names == ("x", "y", "z") and source.labels.tolist() == [0, 1, 2, 0, -1, 2]
     first = next(source.samples())
-    assert first.key == "row00000000" and first.image == _png(0) and first.ext == "png" and first.label == 0
+    assert first.key == "row00000000" and first.members == {"png": _png(0)} and first.label == 0
 
     pq.write_table(pa.table({"img": [_png(0), _png(1)], "kind": ["b", "a"]}), tmp_path / "s.parquet")
     source = parquet_file(tmp_path / "s.parquet", label_column="kind")
@@ -318,7 +322,7 @@ def test_demo_source_split():
     train_keys = {s.key for s in train.samples()}
     assert len(train_keys) == 898 and not train_keys & {s.key for s in test.samples()}
     sample = next(train.samples())
-    image = Image.open(io.BytesIO(sample.image))
+    image = Image.open(io.BytesIO(sample.members["png"]))
     assert (image.format, image.mode, image.size) == ("PNG", "L", (8, 8)) and 0 <= sample.label <= 9
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from maskray.config import Config
-from maskray.data import ImageTransform, infinite_batches, resolve_shards
+from maskray.data import ImageTransform, Views, infinite_batches, resolve_shards
 from maskray.engine.checkpoint import encoder_from_state, load_checkpoint, save_checkpoint
 from maskray.engine.deepspeed_setup import build_engine, encoder_state, use_bf16
 from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
@@ -122,7 +122,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     del initial_weights
 
     shards = resolve_shards(config.data.shards)
-    transform = ImageTransform.for_training(config.model, config.data)
+    transform = Views(image=ImageTransform.for_training(config.model, config.data))
     batches = infinite_batches(
         shards, transform, batch_size=config.data.batch_size, rank=rank, world_size=world,
         num_workers=config.data.num_workers, resampled=config.data.resampled,
