@@ -27,6 +27,7 @@ from maskray.data import (
     Sample,
     Views,
     build_loader,
+    clip_folder,
     demo,
     image_folder,
     infinite_batches,
@@ -354,3 +355,160 @@ def test_make_shards_cli_demo(tmp_path):
     assert second.returncode == 2
     assert second.stderr.strip().count("\n") == 0 and second.stderr.startswith("error: OUT:")
     assert "--overwrite" in second.stderr
+
+
+# --- multi-member samples: clips and several images ---------------------------------------------------
+
+CLIPS = {f"c{i:02d}": np.random.default_rng(100 + i).integers(0, 256, (3 + i % 4, 8, 8, 3), dtype=np.uint8)
+         for i in range(12)}
+
+
+def _encode_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _clip_members(clip: np.ndarray, clip_format: str) -> dict[str, bytes]:
+    if clip_format == "npy":
+        return {"npy": _encode_npy(clip)}
+    return {f"{t:03d}.png": _encode_png(frame) for t, frame in enumerate(clip)}
+
+
+class _Frames:
+    """A clip's frames (T, H, W, C) and T, as tensors."""
+
+    def __call__(self, sample):
+        return {"frames": torch.from_numpy(sample.frames()), "count": sample.num_frames}
+
+
+def _clip_folder(root: Path) -> dict[str, np.ndarray]:
+    """CLIPS as frame folders root/<class>/<clip>/f<t>.png (c00..c05 in class a, the rest in b); {key: clip}."""
+    keys = {}
+    for i, (name, clip) in enumerate(CLIPS.items()):
+        folder = root / ("a" if i < 6 else "b") / name
+        folder.mkdir(parents=True)
+        for t, frame in enumerate(clip):
+            (folder / f"f{t}.png").write_bytes(_encode_png(frame))
+        keys[f"{folder.parent.name}_{name}"] = clip
+    return keys
+
+
+@pytest.mark.parametrize("clip_format", ["npy", "frames"])
+@pytest.mark.parametrize("writer", ["write_shards", "cli"])
+def test_clips_round_trip_once_per_epoch_across_ranks_and_workers(tmp_path, capsys, writer, clip_format):
+    if writer == "write_shards":
+        samples = [Sample(key, _clip_members(clip, clip_format), i % 3) for i, (key, clip) in enumerate(CLIPS.items())]
+        shards = write_shards(samples, tmp_path / "out", samples_per_shard=3, progress=False)
+        expected = dict(CLIPS)
+        labels = {key: i % 3 for i, key in enumerate(CLIPS)}
+    else:
+        expected = _clip_folder(tmp_path / "clips")
+        argv = [str(tmp_path / "clips"), str(tmp_path / "out"), "--clips", "--samples-per-shard", "3"]
+        assert make_shards_main(argv + ["--clip-format", clip_format]) == 0
+        total = sum(len(clip) for clip in CLIPS.values())
+        assert capsys.readouterr().out.strip() == f"{tmp_path / 'out'}: 12 clips ({total} frames), 4 shards, 2 classes"
+        shards = resolve_shards(str(tmp_path / "out"))
+        assert shards.class_names == ("a", "b")
+        labels = {key: int(key.startswith("b")) for key in expected}
+    table = read_manifest(tmp_path / "out")
+    assert dict(zip(table["key"].to_pylist(), table["frames"].to_pylist(), strict=True)) == {
+        key: len(clip) for key, clip in expected.items()
+    }
+    suffixes = set()
+    for url in shards.urls:
+        with tarfile.open(url) as tar:
+            suffixes |= {name.split(".", 1)[1] for name in tar.getnames()} - {"cls"}
+    assert suffixes == ({"npy"} if clip_format == "npy" else {f"{t:03d}.png" for t in range(6)})
+
+    seen = Counter()
+    for rank in range(2):
+        for batch in build_loader(shards, _Frames(), batch_size=1, rank=rank, world_size=2, num_workers=2,
+                                  resampled=False, drop_last=False):
+            key, frames = batch["key"][0], batch["frames"][0].numpy()
+            seen[key] += 1
+            assert frames.dtype == np.uint8 and np.array_equal(frames, expected[key])  # every frame, in order
+            assert batch["count"].tolist() == [len(expected[key])] and batch["label"].tolist() == [labels[key]]
+            assert batch["skipped"] == 0
+    assert seen == Counter(list(expected))
+
+
+def test_manifest_hashes_members_in_name_order(tmp_path):
+    frames = [_png(i) for i in range(3)]
+    clip = CLIPS["c00"]
+    samples = [
+        Sample("frames", {"002.png": frames[2], "000.png": frames[0], "001.png": frames[1]}),
+        Sample("clip", {"npy": _encode_npy(clip)}),
+        Sample("single", image=frames[0], ext="png", label=1),
+    ]
+    write_shards(samples, tmp_path, progress=False)
+    rows = {row["key"]: row for row in read_manifest(tmp_path).to_pylist()}
+    assert rows["frames"]["sha256"] == hashlib.sha256(b"".join(frames)).hexdigest()
+    assert rows["frames"]["nbytes"] == sum(map(len, frames)) and rows["frames"]["frames"] == 3
+    assert rows["clip"]["sha256"] == hashlib.sha256(_encode_npy(clip)).hexdigest() and rows["clip"]["frames"] == 3
+    assert rows["single"]["sha256"] == hashlib.sha256(frames[0]).hexdigest() and rows["single"]["frames"] == 1
+
+
+def test_old_manifest_without_frames_still_reads(tmp_path):
+    shards = _write(tmp_path, 12, 5, class_names=("a", "b", "c"))
+    table = pq.read_table(tmp_path / MANIFEST_NAME)
+    pq.write_table(table.drop_columns(["frames"]), tmp_path / MANIFEST_NAME)
+    assert "frames" not in pq.read_schema(tmp_path / MANIFEST_NAME).names
+    old = read_manifest(tmp_path)
+    assert old.column_names == table.column_names and old["frames"].to_pylist() == [1] * 12
+    assert json.loads(old.schema.metadata[b"class_names"]) == ["a", "b", "c"]
+    assert resolve_shards(str(tmp_path)) == shards
+    assert sum(len(batch["key"]) for batch in _read(shards)) == 12
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"png": b"x", "npy": b"y"}, "expected one of"),
+        ({"1.png": b"x"}, ">= 3 digits"),
+        ({"000.png": b"x", "0001.png": b"y"}, "one digit count"),
+        ({"json": b"{}"}, "expected one of"),
+        ({"cls": b"1"}, "expected one of"),
+        ({"000.gif": b"x"}, "expected one of"),
+        ({"npy": b"not an array"}, "'bad'"),
+        ({"npy": _encode_npy(np.zeros((2, 4, 4), np.float32))}, "expected uint8"),
+        ({"npy": _encode_npy(np.zeros((4, 4), np.uint8))}, "expected uint8"),
+        ({}, "no members"),
+    ],
+)
+def test_invalid_member_names_are_rejected(tmp_path, members, message):
+    with pytest.raises(DataError) as excinfo:
+        write_shards([Sample("bad", members)], tmp_path, progress=False)
+    _one_line_error(excinfo, "OUT: sample 'bad'", message)
+
+
+def test_make_shards_clip_errors_and_unlabelled_clips(tmp_path, capsys):
+    root = tmp_path / "clips"
+    (root / "one").mkdir(parents=True)
+    for t in range(2):
+        (root / "one" / f"{t}.png").write_bytes(_encode_png(CLIPS["c00"][t]))
+    assert make_shards_main([str(root), str(tmp_path / "out"), "--clips"]) == 0  # root/<clip>: unlabelled
+    assert read_manifest(tmp_path / "out").to_pylist()[0] | {"sha256": None} == {
+        "shard": "shard-000000.tar", "key": "one", "label": -1, "nbytes": len(_encode_npy(CLIPS["c00"][:2])),
+        "sha256": None, "frames": 2,
+    }
+    assert "1 clips (2 frames)" in capsys.readouterr().out
+
+    (root / "two").mkdir()
+    (root / "two" / "a.png").write_bytes(_encode_png(CLIPS["c00"][0]))
+    (root / "two" / "b.png").write_bytes(_png(0, size=6))
+    for fmt in ("npy", "frames"):
+        assert make_shards_main([str(root), str(tmp_path / fmt), "--clips", "--clip-format", fmt]) == 2
+        error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+        assert error.startswith("error: SOURCE: clip") and "two" in error and "different sizes" in error
+    with pytest.raises(DataError) as excinfo:
+        list(clip_folder(root).samples())
+    _one_line_error(excinfo, "SOURCE: clip", "two", "frame 1 is 6x6")
+    assert make_shards_main([str(root), str(tmp_path / "x"), "--clip-format", "frames"]) == 2
+    assert "--clips" in capsys.readouterr().err
