@@ -58,6 +58,8 @@ def test_decoded_sample_images_in_member_name_order():
     assert (sample.frames() == np.stack(pixels)).all() and sample.frames().dtype == np.uint8
     grey = _sample({"png": _png(pixels[0][..., 0])})
     assert grey.num_images == 1 and grey.frames().shape == (1, 5, 7, 1)
+    mixed = _sample({"000.png": _png(pixels[0][..., 0]), "001.png": _png(pixels[1])})
+    assert mixed.frames().shape == (2, 5, 7, 3) and (mixed.frames()[0] == pixels[0][..., :1]).all()
     with pytest.raises(IndexError):
         sample.image(3)
 

@@ -58,7 +58,7 @@ class DecodedSample:
     def frames(self) -> np.ndarray:
         """The clip as uint8 (T, H, W, C): the ``npy`` array, else the image members stacked in name order.
 
-        Images become (H, W, 1) when greyscale (mode ``L``), else (H, W, 3) RGB; they must share a size.
+        Images give C = 1 when all are greyscale (mode ``L``), else C = 3 (RGB); they must share a size.
         """
         if ARRAY_MEMBER in self.members:
             clip_shape(self.members[ARRAY_MEMBER])
@@ -66,12 +66,10 @@ class DecodedSample:
             return array[..., None] if array.ndim == 3 else array
         if not self.image_names:
             raise ValueError(f"no frames (an {ARRAY_MEMBER} member or image members) among {sorted(self.members)}")
-        frames = []
-        for index in range(self.num_images):
-            image = self.image(index)
-            pixels = np.asarray(image if image.mode == "L" else image.convert("RGB"))
-            frames.append(pixels[..., None] if pixels.ndim == 2 else pixels)
-        return np.stack(frames)
+        images = [self.image(index) for index in range(self.num_images)]
+        if all(image.mode == "L" for image in images):
+            return np.stack([np.asarray(image) for image in images])[..., None]
+        return np.stack([np.asarray(image.convert("RGB")) for image in images])
 
 
 def clip_shape(data: bytes) -> tuple[int, ...]:
