@@ -1,7 +1,8 @@
-"""Write WebDataset shards + manifest.parquet from an image folder, a .parquet file or 'demo'.
+"""Write WebDataset shards + manifest.parquet from an image folder, a folder of clips, a .parquet file or 'demo'.
 
     python launch/make_shards.py demo data/digits
     python launch/make_shards.py path/to/images data/mine --test-fraction 0.2
+    python launch/make_shards.py path/to/clips data/clips --clips [--clip-format frames]
 """
 
 import sys

@@ -75,7 +75,7 @@ def test_cli_empty_dataset_exits_2(tmp_path) -> None:
     from maskray.data.manifest import write_manifest
 
     (tmp_path / "empty").mkdir()
-    columns = {"shard": [], "key": [], "label": [], "nbytes": [], "sha256": []}
+    columns = {"shard": [], "key": [], "label": [], "nbytes": [], "sha256": [], "frames": []}
     write_manifest(tmp_path / "empty", columns, num_classes=0, class_names=(), source="test")
     result = _pretrain("--set", f"data.shards={tmp_path / 'empty'}", cwd=tmp_path)
     assert result.returncode == 2 and "empty" in result.stderr

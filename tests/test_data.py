@@ -25,7 +25,9 @@ from maskray.data import (
     MANIFEST_NAME,
     ImageTransform,
     Sample,
+    Views,
     build_loader,
+    clip_folder,
     demo,
     image_folder,
     infinite_batches,
@@ -40,7 +42,7 @@ from maskray.data.manifest import write_manifest
 from maskray.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
-EVAL = ImageTransform(8, train=False)
+EVAL = Views(image=ImageTransform(8, train=False))
 
 
 def _png(seed: int, size: int = 8, mode: str = "L", fmt: str = "PNG") -> bytes:
@@ -52,7 +54,8 @@ def _png(seed: int, size: int = 8, mode: str = "L", fmt: str = "PNG") -> bytes:
 
 def _samples(n: int, labelled: bool = True, corrupt: tuple[int, ...] = ()) -> list[Sample]:
     return [
-        Sample(f"s{i:03d}", b"not an image" if i in corrupt else _png(i), "png", i % 3 if labelled else None)
+        Sample(f"s{i:03d}", image=b"not an image" if i in corrupt else _png(i), ext="png",
+               label=i % 3 if labelled else None)
         for i in range(n)
     ]
 
@@ -100,8 +103,9 @@ def test_manifest_columns_match_tar_contents(tmp_path):
     assert shards.num_classes == 3 and shards.class_names == ("a", "b", "c") and shards.labelled
 
     table = read_manifest(tmp_path)
-    assert table.column_names == ["shard", "key", "label", "nbytes", "sha256"]
-    assert table.schema.field("label").type == pa.int64() and table.schema.field("nbytes").type == pa.int64()
+    assert table.column_names == ["shard", "key", "label", "nbytes", "sha256", "frames"]
+    assert all(table.schema.field(name).type == pa.int64() for name in ("label", "nbytes", "frames"))
+    assert set(table["frames"].to_pylist()) == {1}
     metadata = table.schema.metadata
     assert metadata[b"num_classes"] == b"3" and json.loads(metadata[b"class_names"]) == ["a", "b", "c"]
     assert metadata[b"source"] == b"unit test"
@@ -139,10 +143,10 @@ def test_overwrite_refusal_and_overwrite(tmp_path):
 
 def test_duplicate_and_invalid_keys_are_rejected(tmp_path):
     with pytest.raises(DataError) as excinfo:
-        write_shards([Sample("k", _png(0), "png"), Sample("k", _png(1), "png")], tmp_path / "a", progress=False)
+        write_shards([Sample("k", {"png": _png(0)}), Sample("k", {"png": _png(1)})], tmp_path / "a", progress=False)
     _one_line_error(excinfo, "duplicate", "'k'")
     with pytest.raises(DataError, match="no dots"):
-        write_shards([Sample("a.b", _png(0), "png")], tmp_path / "b", progress=False)
+        write_shards([Sample("a.b", {"png": _png(0)})], tmp_path / "b", progress=False)
 
 
 # --- resolve_shards -----------------------------------------------------------------------------------
@@ -161,7 +165,7 @@ def test_resolve_shards_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     write_manifest(
         tmp_path / "empty",
-        {"shard": [], "key": [], "label": [], "nbytes": [], "sha256": []},
+        {"shard": [], "key": [], "label": [], "nbytes": [], "sha256": [], "frames": []},
         num_classes=0,
         class_names=(),
         source="",
@@ -247,7 +251,8 @@ def test_infinite_batches_crosses_epochs_and_rejects_starved_ranks(tmp_path):
 
 def test_loader_pipeline_and_transforms_pickle(tmp_path):
     shards = _write(tmp_path, 5, 10)
-    loader = build_loader(shards, ImageTransform(8, train=True), batch_size=2, num_workers=2, shuffle_buffer=4)
+    transform = Views(image=ImageTransform(8, train=True))
+    loader = build_loader(shards, transform, batch_size=2, num_workers=2, shuffle_buffer=4)
     dataset = pickle.loads(pickle.dumps(loader.pipeline[0].dataset))  # what forkserver workers receive
     assert sum(len(batch["key"]) for batch in dataset) == 4  # drop_last
 
@@ -278,13 +283,13 @@ def test_image_folder_with_class_subfolders(tmp_path):
     source = image_folder(root)
     assert source.class_names == ("cat", "dog") and source.total == 4
     samples = {s.key: s for s in source.samples()}
-    assert {k: (s.label, s.ext) for k, s in samples.items()} == {
-        "cat_a": (0, "png"),
-        "cat_b_v2": (0, "jpg"),
-        "dog_sub_c": (1, "png"),  # BMP re-encoded
-        "top": (None, "png"),
+    assert {k: (s.label, list(s.members)) for k, s in samples.items()} == {
+        "cat_a": (0, ["png"]),
+        "cat_b_v2": (0, ["jpg"]),
+        "dog_sub_c": (1, ["png"]),  # BMP re-encoded
+        "top": (None, ["png"]),
     }
-    assert samples["cat_b_v2"].image == (root / "cat/b.v2.jpg").read_bytes()
+    assert samples["cat_b_v2"].members["jpg"] == (root / "cat/b.v2.jpg").read_bytes()
     shards = write_shards(source.samples(), tmp_path / "out", class_names=source.class_names, progress=False)
     assert shards.num_classes == 2 and read_manifest(tmp_path / "out")["label"].to_pylist() == [0, 0, 1, -1]
     with pytest.raises(DataError, match="does not exist"):
@@ -300,7 +305,7 @@ def test_parquet_source_huggingface_layout(tmp_path):
     source = parquet_file(tmp_path / "d.parquet")
     assert source.class_names == ("x", "y", "z") and source.labels.tolist() == [0, 1, 2, 0, -1, 2]
     first = next(source.samples())
-    assert first.key == "row00000000" and first.image == _png(0) and first.ext == "png" and first.label == 0
+    assert first.key == "row00000000" and first.members == {"png": _png(0)} and first.label == 0
 
     pq.write_table(pa.table({"img": [_png(0), _png(1)], "kind": ["b", "a"]}), tmp_path / "s.parquet")
     source = parquet_file(tmp_path / "s.parquet", label_column="kind")
@@ -318,7 +323,7 @@ def test_demo_source_split():
     train_keys = {s.key for s in train.samples()}
     assert len(train_keys) == 898 and not train_keys & {s.key for s in test.samples()}
     sample = next(train.samples())
-    image = Image.open(io.BytesIO(sample.image))
+    image = Image.open(io.BytesIO(sample.members["png"]))
     assert (image.format, image.mode, image.size) == ("PNG", "L", (8, 8)) and 0 <= sample.label <= 9
 
 
@@ -350,3 +355,160 @@ def test_make_shards_cli_demo(tmp_path):
     assert second.returncode == 2
     assert second.stderr.strip().count("\n") == 0 and second.stderr.startswith("error: OUT:")
     assert "--overwrite" in second.stderr
+
+
+# --- multi-member samples: clips and several images ---------------------------------------------------
+
+CLIPS = {f"c{i:02d}": np.random.default_rng(100 + i).integers(0, 256, (3 + i % 4, 8, 8, 3), dtype=np.uint8)
+         for i in range(12)}
+
+
+def _encode_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _clip_members(clip: np.ndarray, clip_format: str) -> dict[str, bytes]:
+    if clip_format == "npy":
+        return {"npy": _encode_npy(clip)}
+    return {f"{t:03d}.png": _encode_png(frame) for t, frame in enumerate(clip)}
+
+
+class _Frames:
+    """A clip's frames (T, H, W, C) and T, as tensors."""
+
+    def __call__(self, sample):
+        return {"frames": torch.from_numpy(sample.frames()), "count": sample.num_frames}
+
+
+def _clip_folder(root: Path) -> dict[str, np.ndarray]:
+    """CLIPS as frame folders root/<class>/<clip>/f<t>.png (c00..c05 in class a, the rest in b); {key: clip}."""
+    keys = {}
+    for i, (name, clip) in enumerate(CLIPS.items()):
+        folder = root / ("a" if i < 6 else "b") / name
+        folder.mkdir(parents=True)
+        for t, frame in enumerate(clip):
+            (folder / f"f{t}.png").write_bytes(_encode_png(frame))
+        keys[f"{folder.parent.name}_{name}"] = clip
+    return keys
+
+
+@pytest.mark.parametrize("clip_format", ["npy", "frames"])
+@pytest.mark.parametrize("writer", ["write_shards", "cli"])
+def test_clips_round_trip_once_per_epoch_across_ranks_and_workers(tmp_path, capsys, writer, clip_format):
+    if writer == "write_shards":
+        samples = [Sample(key, _clip_members(clip, clip_format), i % 3) for i, (key, clip) in enumerate(CLIPS.items())]
+        shards = write_shards(samples, tmp_path / "out", samples_per_shard=3, progress=False)
+        expected = dict(CLIPS)
+        labels = {key: i % 3 for i, key in enumerate(CLIPS)}
+    else:
+        expected = _clip_folder(tmp_path / "clips")
+        argv = [str(tmp_path / "clips"), str(tmp_path / "out"), "--clips", "--samples-per-shard", "3"]
+        assert make_shards_main(argv + ["--clip-format", clip_format]) == 0
+        total = sum(len(clip) for clip in CLIPS.values())
+        assert capsys.readouterr().out.strip() == f"{tmp_path / 'out'}: 12 clips ({total} frames), 4 shards, 2 classes"
+        shards = resolve_shards(str(tmp_path / "out"))
+        assert shards.class_names == ("a", "b")
+        labels = {key: int(key.startswith("b")) for key in expected}
+    table = read_manifest(tmp_path / "out")
+    assert dict(zip(table["key"].to_pylist(), table["frames"].to_pylist(), strict=True)) == {
+        key: len(clip) for key, clip in expected.items()
+    }
+    suffixes = set()
+    for url in shards.urls:
+        with tarfile.open(url) as tar:
+            suffixes |= {name.split(".", 1)[1] for name in tar.getnames()} - {"cls"}
+    assert suffixes == ({"npy"} if clip_format == "npy" else {f"{t:03d}.png" for t in range(6)})
+
+    seen = Counter()
+    for rank in range(2):
+        for batch in build_loader(shards, _Frames(), batch_size=1, rank=rank, world_size=2, num_workers=2,
+                                  resampled=False, drop_last=False):
+            key, frames = batch["key"][0], batch["frames"][0].numpy()
+            seen[key] += 1
+            assert frames.dtype == np.uint8 and np.array_equal(frames, expected[key])  # every frame, in order
+            assert batch["count"].tolist() == [len(expected[key])] and batch["label"].tolist() == [labels[key]]
+            assert batch["skipped"] == 0
+    assert seen == Counter(list(expected))
+
+
+def test_manifest_hashes_members_in_name_order(tmp_path):
+    frames = [_png(i) for i in range(3)]
+    clip = CLIPS["c00"]
+    samples = [
+        Sample("frames", {"002.png": frames[2], "000.png": frames[0], "001.png": frames[1]}),
+        Sample("clip", {"npy": _encode_npy(clip)}),
+        Sample("single", image=frames[0], ext="png", label=1),
+    ]
+    write_shards(samples, tmp_path, progress=False)
+    rows = {row["key"]: row for row in read_manifest(tmp_path).to_pylist()}
+    assert rows["frames"]["sha256"] == hashlib.sha256(b"".join(frames)).hexdigest()
+    assert rows["frames"]["nbytes"] == sum(map(len, frames)) and rows["frames"]["frames"] == 3
+    assert rows["clip"]["sha256"] == hashlib.sha256(_encode_npy(clip)).hexdigest() and rows["clip"]["frames"] == 3
+    assert rows["single"]["sha256"] == hashlib.sha256(frames[0]).hexdigest() and rows["single"]["frames"] == 1
+
+
+def test_old_manifest_without_frames_still_reads(tmp_path):
+    shards = _write(tmp_path, 12, 5, class_names=("a", "b", "c"))
+    table = pq.read_table(tmp_path / MANIFEST_NAME)
+    pq.write_table(table.drop_columns(["frames"]), tmp_path / MANIFEST_NAME)
+    assert "frames" not in pq.read_schema(tmp_path / MANIFEST_NAME).names
+    old = read_manifest(tmp_path)
+    assert old.column_names == table.column_names and old["frames"].to_pylist() == [1] * 12
+    assert json.loads(old.schema.metadata[b"class_names"]) == ["a", "b", "c"]
+    assert resolve_shards(str(tmp_path)) == shards
+    assert sum(len(batch["key"]) for batch in _read(shards)) == 12
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"png": b"x", "npy": b"y"}, "expected one of"),
+        ({"1.png": b"x"}, ">= 3 digits"),
+        ({"000.png": b"x", "0001.png": b"y"}, "one digit count"),
+        ({"json": b"{}"}, "expected one of"),
+        ({"cls": b"1"}, "expected one of"),
+        ({"000.gif": b"x"}, "expected one of"),
+        ({"npy": b"not an array"}, "'bad'"),
+        ({"npy": _encode_npy(np.zeros((2, 4, 4), np.float32))}, "expected uint8"),
+        ({"npy": _encode_npy(np.zeros((4, 4), np.uint8))}, "expected uint8"),
+        ({}, "no members"),
+    ],
+)
+def test_invalid_member_names_are_rejected(tmp_path, members, message):
+    with pytest.raises(DataError) as excinfo:
+        write_shards([Sample("bad", members)], tmp_path, progress=False)
+    _one_line_error(excinfo, "OUT: sample 'bad'", message)
+
+
+def test_make_shards_clip_errors_and_unlabelled_clips(tmp_path, capsys):
+    root = tmp_path / "clips"
+    (root / "one").mkdir(parents=True)
+    for t in range(2):
+        (root / "one" / f"{t}.png").write_bytes(_encode_png(CLIPS["c00"][t]))
+    assert make_shards_main([str(root), str(tmp_path / "out"), "--clips"]) == 0  # root/<clip>: unlabelled
+    assert read_manifest(tmp_path / "out").to_pylist()[0] | {"sha256": None} == {
+        "shard": "shard-000000.tar", "key": "one", "label": -1, "nbytes": len(_encode_npy(CLIPS["c00"][:2])),
+        "sha256": None, "frames": 2,
+    }
+    assert "1 clips (2 frames)" in capsys.readouterr().out
+
+    (root / "two").mkdir()
+    (root / "two" / "a.png").write_bytes(_encode_png(CLIPS["c00"][0]))
+    (root / "two" / "b.png").write_bytes(_png(0, size=6))
+    for fmt in ("npy", "frames"):
+        assert make_shards_main([str(root), str(tmp_path / fmt), "--clips", "--clip-format", fmt]) == 2
+        error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+        assert error.startswith("error: SOURCE: clip") and "two" in error and "different sizes" in error
+    with pytest.raises(DataError) as excinfo:
+        list(clip_folder(root).samples())
+    _one_line_error(excinfo, "SOURCE: clip", "two", "frame 1 is 6x6")
+    assert make_shards_main([str(root), str(tmp_path / "x"), "--clip-format", "frames"]) == 2
+    assert "--clips" in capsys.readouterr().err

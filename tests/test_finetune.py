@@ -33,7 +33,8 @@ def _two_classes(directory: Path, per_class: int, seed: int) -> ShardSet:
         pixels = rng.normal(200, 15, (20, 20, 3))
         pixels[:, :10] -= 150 * (1 - label)
         pixels[:, 10:] -= 150 * label
-        samples.append(Sample(f"s{index:04d}", _png(np.clip(pixels, 0, 255).astype(np.uint8)), "png", label))
+        samples.append(Sample(f"s{index:04d}", image=_png(np.clip(pixels, 0, 255).astype(np.uint8)), ext="png",
+                              label=label))
     return write_shards(samples, directory, samples_per_shard=32, progress=False)
 
 

@@ -1,24 +1,45 @@
-"""Data layer: shard writing (WebDataset tars + Parquet manifest), sources, transforms and the streaming reader."""
+"""Data layer: shard writing (WebDataset tars + Parquet manifest), sources, decoded samples, transforms and views,
+and the streaming reader."""
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from maskray.data.manifest import MANIFEST_NAME, ShardSet, read_manifest, resolve_shards
-from maskray.data.reader import build_loader, infinite_batches, steps_per_epoch
-from maskray.data.sources import Source, demo, image_folder, parquet_file, split_indices
+from maskray.data.reader import batch_size, build_loader, collate, infinite_batches, steps_per_epoch
+from maskray.data.sample import DecodedSample
+from maskray.data.sources import Source, clip_folder, demo, image_folder, parquet_file, split_indices
 from maskray.data.writer import Sample, write_shards
 
 if TYPE_CHECKING:
     from maskray.data.transforms import ImageTransform
+    from maskray.data.views import BlockMask, FramePair, MultiCrop, Views
+
+# torchvision takes seconds to import (it pulls in torch._dynamo); make_shards.py never needs it
+_LAZY = {
+    "ImageTransform": "maskray.data.transforms",
+    "BlockMask": "maskray.data.views",
+    "FramePair": "maskray.data.views",
+    "MultiCrop": "maskray.data.views",
+    "Views": "maskray.data.views",
+}
 
 __all__ = [
     "MANIFEST_NAME",
+    "BlockMask",
+    "DecodedSample",
+    "FramePair",
     "ImageTransform",
+    "MultiCrop",
     "Sample",
     "ShardSet",
     "Source",
+    "Views",
+    "batch_size",
     "build_loader",
+    "clip_folder",
+    "collate",
     "demo",
     "image_folder",
     "infinite_batches",
@@ -32,9 +53,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # torchvision takes seconds to import (it pulls in torch._dynamo); make_shards.py never needs it
-    if name == "ImageTransform":
-        from maskray.data.transforms import ImageTransform
-
-        return ImageTransform
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

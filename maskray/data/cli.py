@@ -1,4 +1,5 @@
-"""The ``launch/make_shards.py`` command: image folder, Parquet file or the digits demo -> shard directories."""
+"""The ``launch/make_shards.py`` command: image folder, clip folder, Parquet file or the digits demo -> shard
+directories."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
-from maskray.data.manifest import ShardSet
-from maskray.data.sources import Source, demo, image_folder, parquet_file, split_indices
+from maskray.data.manifest import ShardSet, read_manifest
+from maskray.data.sources import CLIP_FORMATS, Source, clip_folder, demo, image_folder, parquet_file, split_indices
 from maskray.data.writer import check_out_dir, write_shards
 from maskray.errors import DataError, MaskrayError
 
@@ -23,9 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="make_shards.py",
         description="Write WebDataset shards plus manifest.parquet from an image folder (class subfolders "
-        "give labels), a .parquet file, or 'demo' (sklearn digits into OUT_DIR/train and OUT_DIR/test).",
+        "give labels), a folder of clips (--clips), a .parquet file, or 'demo' (sklearn digits into OUT_DIR/train "
+        "and OUT_DIR/test).",
     )
-    parser.add_argument("source", metavar="SOURCE", help="an image folder, a .parquet file, or the word 'demo'")
+    parser.add_argument(
+        "source", metavar="SOURCE", help="an image or clip folder, a .parquet file, or the word 'demo'"
+    )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards and manifest")
     parser.add_argument(
@@ -42,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--image-column", default=None, help="Parquet image column (default: auto-detect)")
     parser.add_argument("--label-column", default=None, help="Parquet label column (default: 'label' if present)")
+    parser.add_argument(
+        "--clips",
+        action="store_true",
+        help="SOURCE is a folder of clips: every directory directly holding images is one clip (frames sorted by "
+        "name); clips in SOURCE/<class>/<clip>/ are labelled by class",
+    )
+    parser.add_argument(
+        "--clip-format",
+        choices=CLIP_FORMATS,
+        default=None,
+        help="with --clips: store a clip as one uint8 (T, H, W, C) npy array (default) or as its frames' images",
+    )
     return parser
 
 
@@ -65,7 +82,12 @@ def make_shards(argv: Sequence[str] | None = None) -> list[ShardSet]:
             class_names=source.class_names,
             source=source.description,
         )
-        print(f"{out_dir}: {shards.num_samples} samples, {len(shards.urls)} shards, {shards.num_classes} classes")
+        if args.clips:
+            frames = pc.sum(read_manifest(out_dir, key="OUT")["frames"]).as_py()
+            counts = f"{shards.num_samples} clips ({frames} frames)"
+        else:
+            counts = f"{shards.num_samples} samples"
+        print(f"{out_dir}: {counts}, {len(shards.urls)} shards, {shards.num_classes} classes")
         written.append(shards)
     return written
 
@@ -88,14 +110,18 @@ def _out_dirs(args: argparse.Namespace) -> list[Path]:
 def _plan(args: argparse.Namespace) -> list[tuple[Source, np.ndarray]]:
     """(source, indices in write order) for each directory of ``_out_dirs(args)``."""
     if args.source == "demo":
-        if args.test_fraction or args.image_column or args.label_column:
-            raise DataError("SOURCE: 'demo' has a fixed 50/50 split and no columns to choose")
+        if args.test_fraction or args.image_column or args.label_column or args.clips:
+            raise DataError("SOURCE: 'demo' has a fixed 50/50 split, no columns to choose and no clips")
         return [(src, np.arange(src.total)) for src in (demo("train"), demo("test"))]
     path = Path(args.source)
+    if args.clip_format and not args.clips:
+        raise DataError("--clip-format applies only with --clips")
+    if args.clips and not path.is_dir():
+        raise DataError(f"SOURCE: --clips needs a folder of clips, '{path}' is not a directory")
     if path.is_dir():
         if args.image_column or args.label_column:
             raise DataError(f"SOURCE: --image-column/--label-column apply to .parquet files, not '{path}'")
-        source = image_folder(path)
+        source = clip_folder(path, args.clip_format or "npy") if args.clips else image_folder(path)
     elif path.suffix == ".parquet":
         source = parquet_file(path, args.image_column, args.label_column)
     elif path.exists():

@@ -1,9 +1,18 @@
 """The shard-directory format: WebDataset tars plus a Parquet manifest with one row per sample.
 
 A directory written by :func:`maskray.data.writer.write_shards` holds ``shard-000000.tar``, ... and
-``manifest.parquet`` with the columns ``shard`` (tar name relative to the directory), ``key``, ``label``
-(-1 when unlabelled), ``nbytes`` and ``sha256`` of the image bytes. The schema metadata stores
-``num_classes``, ``class_names`` (a JSON list) and a free-text ``source``.
+``manifest.parquet``. A sample is the tar members ``<key>.<name>`` for its member names, plus ``<key>.cls``
+(the label as ASCII digits) when labelled. Member names:
+
+* one image: its type, ``png``, ``jpg``, ``jpeg`` or ``webp``;
+* several images or the frames of a clip: ``000.png``, ``001.png``, ... (one digit count, >= 3, per sample);
+* one clip as an array: ``npy``, a uint8 (T, H, W) or (T, H, W, C) ``.npy`` array.
+
+The manifest has one row per sample with the columns ``shard`` (tar name relative to the directory),
+``key``, ``label`` (-1 when unlabelled), ``nbytes`` (total member bytes), ``sha256`` (of the member bytes
+concatenated in sorted member-name order: the image bytes' hash for a single image) and ``frames`` (1
+for one image, T for a clip or several images; manifests written before this column read as 1). The
+schema metadata stores ``num_classes``, ``class_names`` (a JSON list) and a free-text ``source``.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ MANIFEST_NAME = "manifest.parquet"
 SHARD_TEMPLATE = "shard-{:06d}.tar"
 SHARD_GLOB = "shard-*.tar"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+ARRAY_MEMBER = "npy"
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -31,6 +41,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("label", pa.int64()),
         ("nbytes", pa.int64()),
         ("sha256", pa.string()),
+        ("frames", pa.int64()),
     ]
 )
 
@@ -78,6 +89,8 @@ def read_manifest(directory: str | os.PathLike, key: str = "data.shards") -> pa.
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{key}: cannot read '{path}': {_first_line(exc)}") from exc
+    if "frames" not in table.column_names:  # written before clips existed: one image per sample
+        table = table.append_column(pa.field("frames", pa.int64()), pa.array([1] * table.num_rows, pa.int64()))
     missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
     if missing:
         raise DataError(f"{key}: '{path}' lacks the column(s) {', '.join(missing)}")

@@ -1,4 +1,4 @@
-"""Streaming reader: WebDataset shards -> batches ``{"image", "label", "key", "skipped"}``.
+"""Streaming reader: WebDataset shards -> batches of the transform's outputs plus ``label``, ``key``, ``skipped``.
 
 Shards are split over ``G = world_size * num_workers`` global loader workers, global worker id
 ``rank * num_workers + worker_id`` (explicit, never from the environment, so it works under Ray).
@@ -10,7 +10,11 @@ Shards are split over ``G = world_size * num_workers`` global loader workers, gl
 * Resampled (``resampled=True``): each global worker draws shards with replacement from a generator
   seeded by (seed, epoch, global worker id); an epoch is ``steps_per_epoch`` batches on every rank.
 
-Decoding and transforms run in the loader workers. A sample that fails to decode or transform, and
+Decoding and transforms run in the loader workers: each raw sample becomes a
+:class:`~maskray.data.sample.DecodedSample` and ``transform(sample)`` returns a dict of tensors, numbers
+or nested dicts / lists of them, collated by :func:`collate`. Torch's RNG in a loader worker process is
+re-seeded from (its per-worker seed, rank), so random augmentations differ across workers and ranks
+even when every rank seeded torch alike. A sample that fails to decode or transform, and
 the samples a truncated or corrupt tar did not deliver (its manifest count minus the samples read),
 are skipped with a warning and counted in the ``skipped`` field of the worker's next batch, so the
 sum of ``skipped`` over an epoch is the number of samples lost in it (as long as the worker that
@@ -19,9 +23,9 @@ lost them yields at least one batch).
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -30,16 +34,18 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from maskray.data.manifest import IMAGE_EXTS, ShardSet
+from maskray.data.manifest import ShardSet
+from maskray.data.sample import DecodedSample
 from maskray.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+Transform = Callable[[DecodedSample], dict[str, Any]]
+RESERVED = ("key", "label", "skipped")  # batch fields the reader adds
 
 
 def steps_per_epoch(shards: ShardSet, batch_size: int, world_size: int) -> int:
@@ -49,7 +55,7 @@ def steps_per_epoch(shards: ShardSet, batch_size: int, world_size: int) -> int:
 
 def build_loader(
     shards: ShardSet,
-    transform: Callable[[Image.Image], torch.Tensor],
+    transform: Transform,
     *,
     batch_size: int,
     rank: int = 0,
@@ -65,8 +71,9 @@ def build_loader(
 ) -> Iterable[Batch]:
     """A re-iterable loader over one epoch of this rank's batches.
 
-    Each batch: ``image`` (B, C, H, W) float, ``label`` (B,) int64 (-1 when unlabelled), ``key``
-    list[str] and ``skipped`` int. ``shuffle_buffer > 0`` shuffles the shard order (exact epochs) and
+    Each batch: the collated ``transform(sample)`` outputs (e.g. ``image`` (B, C, H, W) float for
+    ``Views(image=ImageTransform(...))``), ``label`` (B,) int64 (-1 when unlabelled), ``key`` list[str]
+    and ``skipped`` int. ``shuffle_buffer > 0`` shuffles the shard order (exact epochs) and
     the samples within each worker through a buffer of that size. ``num_workers=0`` reads in-process.
     In resampled mode the epoch is ``steps_per_epoch(shards, batch_size, world_size)`` full batches.
     ``epochs=None`` streams epochs ``epoch, epoch + 1, ...`` forever through the same loader processes.
@@ -79,7 +86,7 @@ def build_loader(
         _WorkerShards(shards, rank, world_size, resampled, shuffle_buffer > 0, seed, epoch, epochs),
         _read_tars,
         _Shuffle(shuffle_buffer, rank, world_size, seed, epoch) if shuffle_buffer > 0 else None,
-        _Decode(transform),
+        _Decode(transform, rank),
         _Batch(batch_size, drop_last),
     )
     loader = wds.WebLoader(
@@ -95,7 +102,7 @@ def build_loader(
 
 def infinite_batches(
     shards: ShardSet,
-    transform: Callable[[Image.Image], torch.Tensor],
+    transform: Transform,
     *,
     batch_size: int,
     rank: int = 0,
@@ -220,30 +227,32 @@ class _Shuffle:
 
 
 class _Decode:
-    """Raw sample -> ``{"image": transform(PIL image), "label", "key"}``; failures become ``_Skipped(1)``."""
+    """Raw sample -> ``{**transform(DecodedSample), "label", "key"}``; failures become ``_Skipped(1)``."""
 
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]):
-        self.transform = transform
+    def __init__(self, transform: Transform, rank: int):
+        self.transform, self.rank = transform, rank
 
     def __call__(self, samples: Iterable[dict | _Skipped]) -> Iterator[dict | _Skipped]:
+        if get_worker_info() is not None:  # a loader process: its torch seed is per worker, not yet per rank
+            torch.manual_seed(int(np.random.SeedSequence([torch.initial_seed(), self.rank]).generate_state(1)[0]))
         for sample in samples:
             if isinstance(sample, _Skipped):
                 yield sample
                 continue
             key = sample["__key__"]
             try:
-                ext = next((e for e in IMAGE_EXTS if e in sample), None)
-                if ext is None:
-                    raise ValueError(f"no image member ({'/'.join(IMAGE_EXTS)})")
-                with Image.open(io.BytesIO(sample[ext])) as image:
-                    tensor = self.transform(image)
                 label = int(sample["cls"]) if "cls" in sample else -1
+                members = {name: data for name, data in sample.items() if name != "cls" and not name.startswith("__")}
+                out = self.transform(DecodedSample(key=key, label=label, url=sample["__url__"], members=members))
             except Exception as exc:  # warn and continue, like wds.warn_and_continue
                 shard = os.path.basename(sample["__url__"])
                 logger.warning("skipping sample '%s' in shard '%s': %s", key, shard, exc)
                 yield _Skipped(1)
                 continue
-            yield {"image": tensor, "label": label, "key": key}
+            if not isinstance(out, dict) or any(name in out for name in RESERVED):
+                raise TypeError(f"a transform must return a dict without the keys {RESERVED}, got {type(out).__name__}"
+                                + (f" with keys {sorted(out)}" if isinstance(out, dict) else ""))
+            yield {**out, "label": label, "key": key}
 
 
 class _Batch:
@@ -283,10 +292,30 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
 
 
+def batch_size(batch: Batch) -> int:
+    """The number of samples in a batch (its ``key`` list)."""
+    return len(batch["key"])
+
+
+def collate(values: list) -> Any:
+    """Collate per-sample values: tensors stacked along a new dim 0, python numbers -> tensor, strings -> list,
+    dicts -> dict of collated fields, lists / tuples -> list of collated positions."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(values)
+    if isinstance(first, numbers.Number):
+        return torch.tensor(values)
+    if isinstance(first, str):
+        return list(values)
+    if isinstance(first, dict):
+        other = next((value for value in values if value.keys() != first.keys()), first)
+        if other is not first:
+            raise ValueError(f"cannot collate dicts with different keys: {sorted(first)} and {sorted(other)}")
+        return {name: collate([value[name] for value in values]) for name in first}
+    if isinstance(first, (list, tuple)):
+        return [collate(list(position)) for position in zip(*values, strict=True)]
+    raise TypeError(f"cannot collate {type(first).__name__} (expected tensors, numbers, strings, dicts, lists)")
+
+
 def _collate(items: list[dict], skipped: int) -> Batch:
-    return {
-        "image": torch.stack([item["image"] for item in items]),
-        "label": torch.tensor([item["label"] for item in items], dtype=torch.int64),
-        "key": [item["key"] for item in items],
-        "skipped": skipped,
-    }
+    return {**collate(items), "skipped": skipped}

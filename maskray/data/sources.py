@@ -1,7 +1,8 @@
-"""Datasets that can be converted into shards: an image folder, a Parquet file, or the sklearn digits demo.
+"""Datasets that can be converted into shards: an image folder, a folder of clips, a Parquet file, or the
+sklearn digits demo.
 
 Each function returns a :class:`Source`: labels and class names are known up front (for stratified
-splits and the manifest), images are loaded one at a time in any order (``Source.samples(indices)``).
+splits and the manifest), samples are loaded one at a time in any order (``Source.samples(indices)``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from maskray.data.writer import Sample, sanitise_key
 from maskray.errors import DataError
 
 FOLDER_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CLIP_FORMATS = ("npy", "frames")
 _KEPT_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}  # stored as-is; anything else becomes PNG
 
 
@@ -73,30 +75,63 @@ def image_folder(path: str | Path) -> Source:
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"SOURCE: image folder '{path}' does not exist or is not a directory")
-    files = sorted(
-        p.relative_to(root)
-        for p in root.rglob("*")
-        if p.suffix.lower() in FOLDER_EXTS
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    files = sorted(_image_files(root))
     if not files:
         raise DataError(f"SOURCE: no images ({', '.join(FOLDER_EXTS)}) found under '{path}'")
     class_names = tuple(sorted({f.parts[0] for f in files if len(f.parts) > 1}))
     class_index = {name: i for i, name in enumerate(class_names)}
     labels = np.array([class_index[f.parts[0]] if len(f.parts) > 1 else -1 for f in files], dtype=np.int64)
-    keys = [sanitise_key(f.with_suffix("").as_posix()) for f in files]
-    first: dict[str, Path] = {}
-    for key, f in zip(keys, files, strict=True):
-        if key in first:
-            raise DataError(f"SOURCE: '{first[key]}' and '{f}' in '{path}' both map to sample key '{key}'")
-        first[key] = f
+    keys = _unique_keys([sanitise_key(f.with_suffix("").as_posix()) for f in files], files, path)
 
     def load(i: int) -> Sample:
         image, ext = _encoded((root / files[i]).read_bytes(), f"'{root / files[i]}'")
         return Sample(key=keys[i], image=image, ext=ext, label=None if labels[i] < 0 else int(labels[i]))
 
     return Source(f"image folder {root.resolve()}", labels, class_names, load)
+
+
+def clip_folder(path: str | Path, clip_format: str = "npy") -> Source:
+    """Clips under ``path``: every directory (``path`` included) that directly holds image files is one clip,
+    its frames sorted by file name (png/jpg/jpeg/webp/bmp, hidden entries ignored).
+
+    ``clip_format="npy"`` stores a clip as one uint8 (T, H, W, C) array (C = 1 when every frame is
+    greyscale, else 3: RGB); ``"frames"`` stores each frame's bytes as ``000.png``, ``001.jpg``, ... (PNG,
+    JPEG and WebP as-is, others re-encoded as PNG). Frames of a clip must share a size. Clips sitting one
+    level inside a top-level folder (``path/<class>/<clip>/<frames>``) get that folder's index among the
+    sorted class folders as label; other clips are unlabelled. Keys are the clip directories' relative
+    paths with ``/`` and ``.`` turned into ``_`` (the folder's own name for ``path`` itself).
+    """
+    root = Path(path)
+    if clip_format not in CLIP_FORMATS:
+        raise DataError(f"--clip-format must be one of {', '.join(CLIP_FORMATS)}, got '{clip_format}'")
+    if not root.is_dir():
+        raise DataError(f"SOURCE: clip folder '{path}' does not exist or is not a directory")
+    clips: dict[Path, list[Path]] = {}
+    for file in sorted(_image_files(root)):
+        clips.setdefault(file.parent, []).append(file)
+    if not clips:
+        raise DataError(f"SOURCE: no clips (folders of {', '.join(FOLDER_EXTS)} images) found under '{path}'")
+    dirs = sorted(clips)
+    class_names = tuple(sorted({d.parts[0] for d in dirs if len(d.parts) == 2}))
+    class_index = {name: i for i, name in enumerate(class_names)}
+    labels = np.array([class_index[d.parts[0]] if len(d.parts) == 2 else -1 for d in dirs], dtype=np.int64)
+    keys = _unique_keys([sanitise_key(d.as_posix() if d.parts else root.resolve().name) for d in dirs], dirs, path)
+
+    def load(i: int) -> Sample:
+        where = f"clip '{root / dirs[i]}'"
+        frames = [(root / f).read_bytes() for f in clips[dirs[i]]]
+        images = _decode_frames(frames, where)
+        if clip_format == "npy":
+            members = {"npy": _clip_array(images)}
+        else:
+            width = max(3, len(str(len(frames) - 1)))
+            members = {}
+            for t, data in enumerate(frames):
+                encoded, ext = _encoded(data, f"frame {t} of {where}")
+                members[f"{t:0{width}d}.{ext}"] = encoded
+        return Sample(keys[i], members, None if labels[i] < 0 else int(labels[i]))
+
+    return Source(f"clip folder {root.resolve()} ({clip_format})", labels, class_names, load)
 
 
 def parquet_file(path: str | Path, image_column: str | None = None, label_column: str | None = None) -> Source:
@@ -167,6 +202,50 @@ def demo(split: str) -> Source:
 
     description = f"sklearn load_digits, {split} half of a stratified 50/50 split (random_state=0)"
     return Source(description, all_labels[index], tuple(str(c) for c in range(10)), load)
+
+
+def _image_files(root: Path) -> Iterator[Path]:
+    """Image files under ``root`` (recursive), relative to it, skipping hidden files and folders."""
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if p.suffix.lower() in FOLDER_EXTS and p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            yield rel
+
+
+def _unique_keys(keys: list[str], paths: list[Path], path: str | Path) -> list[str]:
+    """``keys`` (one per path), checked to be distinct."""
+    first: dict[str, Path] = {}
+    for key, p in zip(keys, paths, strict=True):
+        if key in first:
+            raise DataError(f"SOURCE: '{first[key]}' and '{p}' in '{path}' both map to sample key '{key}'")
+        first[key] = p
+    return keys
+
+
+def _decode_frames(frames: list[bytes], where: str) -> list[Image.Image]:
+    """The encoded ``frames`` of a clip, decoded and checked to share a size."""
+    images = []
+    for t, data in enumerate(frames):
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"SOURCE: cannot decode frame {t} of {where}: {exc}") from exc
+        if images and image.size != images[0].size:
+            (w0, h0), (w, h) = images[0].size, image.size
+            raise DataError(f"SOURCE: {where} has frames of different sizes: frame 0 is {w0}x{h0}, "
+                            f"frame {t} is {w}x{h}")
+        images.append(image)
+    return images
+
+
+def _clip_array(images: list[Image.Image]) -> bytes:
+    """``.npy`` bytes of the uint8 (T, H, W, C) stack of a clip's frames (C = 1 if all are greyscale, else 3)."""
+    grey = all(image.mode == "L" for image in images)
+    array = np.stack([np.asarray(image.convert("L" if grey else "RGB")) for image in images])
+    buffer = io.BytesIO()
+    np.save(buffer, array[..., None] if grey else array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _find_image_column(schema: pa.Schema, path: str | Path) -> str:

@@ -13,28 +13,56 @@ import webdataset as wds
 from tqdm import tqdm
 
 from maskray.data.manifest import (
+    ARRAY_MEMBER,
     IMAGE_EXTS,
     MANIFEST_NAME,
+    MANIFEST_SCHEMA,
     SHARD_GLOB,
     SHARD_TEMPLATE,
     ShardSet,
     resolve_shards,
     write_manifest,
 )
+from maskray.data.sample import clip_shape
 from maskray.errors import DataError
 
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+_INDEXED_RE = re.compile(rf"([0-9]{{3,}})\.({'|'.join(IMAGE_EXTS)})")
 _TAR_MTIME = 0.0  # fixed member timestamps make the tars reproducible
 
 
-@dataclass
+@dataclass(init=False)
 class Sample:
-    """One image to store: ``image`` holds encoded bytes of type ``ext`` (png/jpg/jpeg/webp)."""
+    """One sample to store: ``members`` maps member names to bytes (see :mod:`maskray.data.manifest`).
+
+    ``Sample(key, image=data, ext="png", label=3)`` stores a single encoded image of type ``ext``;
+    ``Sample(key, {"000.png": a, "001.png": b})`` several images or frames; ``Sample(key, {"npy": npy_bytes})`` a clip.
+    """
 
     key: str
-    image: bytes
-    ext: str
-    label: int | None = None
+    members: dict[str, bytes]
+    label: int | None
+
+    def __init__(
+        self,
+        key: str,
+        members: dict[str, bytes] | None = None,
+        label: int | None = None,
+        *,
+        image: bytes | None = None,
+        ext: str | None = None,
+    ):
+        if (members is None) == (image is None) or (image is None) != (ext is None):
+            raise TypeError("Sample takes either members or image and ext")
+        self.key, self.label = key, label
+        self.members = dict(members) if members is not None else {ext: image}
+
+    @property
+    def frames(self) -> int:
+        """1 for a single image, T for several images or a clip (``members`` must be valid)."""
+        if ARRAY_MEMBER in self.members:
+            return clip_shape(self.members[ARRAY_MEMBER])[0]
+        return len(self.members)
 
 
 def sanitise_key(text: str) -> str:
@@ -77,18 +105,18 @@ def write_shards(
         old.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    columns: dict[str, list] = {"shard": [], "key": [], "label": [], "nbytes": [], "sha256": []}
+    columns: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     seen: set[str] = set()
     writer = None
     try:
-        for sample in tqdm(samples, total=total, desc=f"writing {out_dir}", unit="img", disable=not progress):
+        for sample in tqdm(samples, total=total, desc=f"writing {out_dir}", unit="sample", disable=not progress):
             _check_sample(sample, seen, len(class_names))
             if len(columns["key"]) % samples_per_shard == 0:
                 if writer is not None:
                     writer.close()
                 shard = SHARD_TEMPLATE.format(len(columns["key"]) // samples_per_shard)
                 writer = wds.TarWriter(str(out / shard), encoder=False, mtime=_TAR_MTIME)
-            record = {"__key__": sample.key, sample.ext: sample.image}
+            record = {"__key__": sample.key, **sample.members}
             if sample.label is not None:
                 record["cls"] = str(sample.label).encode("ascii")
             writer.write(record)
@@ -96,8 +124,12 @@ def write_shards(
             columns["shard"].append(shard)
             columns["key"].append(sample.key)
             columns["label"].append(-1 if sample.label is None else sample.label)
-            columns["nbytes"].append(len(sample.image))
-            columns["sha256"].append(hashlib.sha256(sample.image).hexdigest())
+            digest = hashlib.sha256()
+            for name in sorted(sample.members):
+                digest.update(sample.members[name])
+            columns["nbytes"].append(sum(len(data) for data in sample.members.values()))
+            columns["sha256"].append(digest.hexdigest())
+            columns["frames"].append(sample.frames)
     finally:
         if writer is not None:
             writer.close()
@@ -114,8 +146,29 @@ def _check_sample(sample: Sample, seen: set[str], num_names: int) -> None:
         raise DataError(f"OUT: sample key '{sample.key}' must match [A-Za-z0-9_-]+ (no dots or slashes)")
     if sample.key in seen:
         raise DataError(f"OUT: duplicate sample key '{sample.key}'")
-    if sample.ext not in IMAGE_EXTS:
-        raise DataError(f"OUT: sample '{sample.key}' has image type '{sample.ext}', not one of {IMAGE_EXTS}")
+    _check_members(sample)
     if sample.label is not None and (sample.label < 0 or (num_names and sample.label >= num_names)):
         expected = f"0..{num_names - 1}" if num_names else ">= 0"
         raise DataError(f"OUT: sample '{sample.key}' has label {sample.label}, expected {expected}")
+
+
+def _check_members(sample: Sample) -> None:
+    """One image (``png``, ...), indexed images (``000.png``, ...: one digit count) or one ``npy`` clip."""
+    names = sorted(sample.members)
+    where = f"OUT: sample '{sample.key}'"
+    if not names:
+        raise DataError(f"{where} has no members")
+    if names == [ARRAY_MEMBER]:
+        try:
+            clip_shape(sample.members[ARRAY_MEMBER])
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from exc
+        return
+    if len(names) == 1 and names[0] in IMAGE_EXTS:
+        return
+    matches = [_INDEXED_RE.fullmatch(name) for name in names]
+    if not all(matches) or len({len(match.group(1)) for match in matches}) > 1:
+        raise DataError(
+            f"{where} has members {names}: expected one of {IMAGE_EXTS}, indexed images like "
+            f"000.png, 001.png (one digit count, >= 3 digits) or a single '{ARRAY_MEMBER}'"
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from maskray.data import ImageTransform, ShardSet, build_loader
+from maskray.data import ImageTransform, ShardSet, Views, build_loader
 from maskray.models import MaskedViT
 
 FEATURES = ("cls", "mean")
@@ -18,14 +18,14 @@ def extract_features(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Run the encoder (eval mode, no masking) over every sample once.
+    """Run the encoder (eval mode, no masking) over every sample once, each image through ``transform``.
 
     Returns ``({"cls": (N, D), "mean": (N, D)}, labels (N,))``: the CLS token after the final norm and the
     mean of the normalised patch tokens.
     """
     was_training = encoder.training
     encoder.eval()
-    loader = build_loader(shards, transform, batch_size=batch_size, num_workers=0, drop_last=False)
+    loader = build_loader(shards, Views(image=transform), batch_size=batch_size, num_workers=0, drop_last=False)
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in FEATURES}
     labels = []
     for batch in loader:

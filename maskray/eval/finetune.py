@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
-from maskray.data import ShardSet, build_loader
+from maskray.data import DecodedSample, ShardSet, Views, build_loader
 from maskray.models import MaskedViT
 from maskray.schedules import warmup_cosine
 
-Transform = Callable[[Image.Image], torch.Tensor]
+Transform = Callable[[Image.Image | DecodedSample], torch.Tensor]  # an ImageTransform
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 _EMBEDDING = ("cls_token", "pos_embed", "reg_token", "patch_embed.")
 _NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "reg_token")
@@ -115,8 +115,8 @@ def param_groups(model: FinetuneClassifier, weight_decay: float, layer_decay: fl
 
 def load_images(shards: ShardSet) -> tuple[list[Image.Image], torch.Tensor]:
     """Decode every sample once: RGB PIL images (any size) and labels (N,)."""
-    def keep(image: Image.Image) -> torch.Tensor:
-        return pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
+    def keep(sample: DecodedSample) -> dict[str, torch.Tensor]:
+        return {"image": pil_to_tensor(sample.image().convert("RGB"))}  # (3, H, W) uint8
 
     loader = build_loader(shards, keep, batch_size=1, num_workers=0, drop_last=False)
     images, labels = [], []
@@ -141,7 +141,7 @@ def accuracy(model: nn.Module, shards: ShardSet, transform: Transform, batch_siz
     """Top-1 / top-5 accuracy (percent) of a classifier over every sample of ``shards``."""
     model.eval()
     correct, count = [], 0
-    for batch in build_loader(shards, transform, batch_size=batch_size, num_workers=0, drop_last=False):
+    for batch in build_loader(shards, Views(image=transform), batch_size=batch_size, num_workers=0, drop_last=False):
         logits = model(batch["image"].to(device))  # (B, C)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
         correct.append(top == batch["label"].unsqueeze(1))

@@ -45,7 +45,7 @@ from maskray.checkpoint import (
     read_checkpoint_config,
 )
 from maskray.config import Config, TrackingConfig
-from maskray.data import ImageTransform, ShardSet, build_loader, resolve_shards
+from maskray.data import ImageTransform, ShardSet, Views, build_loader, resolve_shards
 from maskray.errors import ConfigError, MaskrayError
 from maskray.eval.diagnostics import Diagnostics, diagnose, diagnostic_figure
 from maskray.eval.finetune import FinetuneConfig, finetune
@@ -155,7 +155,7 @@ def _step(checkpoint: Path, client: MlflowClient, run_id: str | None) -> int:
 
 def first_images(shard_set: ShardSet, config: Config, count: int) -> torch.Tensor:
     """(count, C, H, W): the first ``count`` images of a shard set through the eval transform."""
-    transform = ImageTransform.for_eval(config.model, config.data)
+    transform = Views(image=ImageTransform.for_eval(config.model, config.data))
     loader = build_loader(shard_set, transform, batch_size=count, num_workers=0, drop_last=False)
     return next(iter(loader))["image"][:count]
 
