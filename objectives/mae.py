@@ -46,7 +46,7 @@ class MAE(Objective):
         if noise is None:
             noise = torch.rand(images.shape[0], self.encoder.num_patches, device=images.device)
         masking = random_mask_indices(noise, self.num_keep)
-        latent = self.encoder.forward_tokens(images, ids_keep=masking.ids_keep).tokens  # (B, 1+K, D)
+        latent = self.encoder(images, ids_keep=masking.ids_keep).tokens  # (B, 1+K, D)
         pred = self.decoder(latent, masking.ids_restore)  # (B, L, p*p*C)
         loss = masked_patch_loss(pred, images, masking.mask, self.encoder.patch_size, self.params.norm_pix)
         return ObjectiveOutput(loss=loss, metrics={"mask_ratio": masking.mask.mean().detach()})
@@ -60,7 +60,7 @@ class MAE(Objective):
         patch, grid, channels = self.encoder.patch_size, self.encoder.grid_size, self.encoder.in_chans
         masking = random_mask_indices(torch.rand(images.shape[0], self.encoder.num_patches, device=images.device),
                                       self.num_keep)
-        pred = self.decoder(self.encoder.forward_tokens(images, ids_keep=masking.ids_keep).tokens, masking.ids_restore)
+        pred = self.decoder(self.encoder(images, ids_keep=masking.ids_keep).tokens, masking.ids_restore)
         target = patchify(images, patch).float()
         pred = pred.float()
         if self.params.norm_pix:  # undo the per-patch normalisation with the true patch statistics

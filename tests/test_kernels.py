@@ -363,7 +363,7 @@ def test_mae_forward_backward_through_kernels(interpret, monkeypatch):
 
     def step():
         masking = ops.random_mask_indices(noise, num_visible(enc.num_patches, 0.75))
-        latent = enc.forward_tokens(images, ids_keep=masking.ids_keep).tokens
+        latent = enc(images, ids_keep=masking.ids_keep).tokens
         pred = dec(latent, masking.ids_restore)
         loss = ops.masked_patch_loss(pred, images, masking.mask, 8)
         params = [p for p in (*enc.parameters(), *dec.parameters()) if p.requires_grad]
