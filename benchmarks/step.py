@@ -50,7 +50,7 @@ class MaskrayMAE(nn.Module):
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor, keep: int) -> torch.Tensor:
         masking = ops.random_mask_indices(noise, keep)
-        latent = self.encoder.forward_tokens(images, ids_keep=masking.ids_keep).tokens
+        latent = self.encoder(images, ids_keep=masking.ids_keep).tokens
         pred = self.decoder(latent, masking.ids_restore)
         return ops.masked_patch_loss(pred, images, masking.mask, self.encoder.patch_size, norm_pix=True)
 

@@ -30,13 +30,30 @@ class ModelConfig(Section):
     patch_size: int = Field(4, gt=0)
     in_chans: int = Field(3, gt=0)
     depth: int | None = Field(4, gt=0, description="overrides the arch's depth; null keeps it")
-    pos_embed: Literal["sincos", "learned"] = "sincos"
+    pos_embed: Literal["sincos", "learned", "none"] = Field(
+        "sincos", description="absolute position embedding; 'none' only with a relative position bias"
+    )
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    layer_scale: float | None = Field(None, gt=0.0, description="LayerScale init (timm init_values); null: none")
+    rel_pos_bias: Literal["none", "shared", "per_block", "both"] = Field(
+        "none", description="BEiT relative position bias (timm Beit archs only): shared by all blocks, per block, both"
+    )
 
     @model_validator(mode="after")
     def _patch_divides_image(self) -> ModelConfig:
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _position_options_fit_arch(self) -> ModelConfig:
+        from maskray.models.vit import is_beit_arch
+
+        if self.rel_pos_bias != "none" and not is_beit_arch(self.arch):
+            raise ValueError(f"model.rel_pos_bias {self.rel_pos_bias!r} needs a timm Beit arch (beit_*, beitv2_*), "
+                             f"got model.arch {self.arch!r}")
+        if self.pos_embed == "none" and self.rel_pos_bias == "none":
+            raise ValueError("model.pos_embed 'none' needs a model.rel_pos_bias")
         return self
 
 

@@ -263,7 +263,7 @@ def test_export_round_trip_through_timm(store, tmp_path) -> None:
     assert set(load_file(path)) == set(pretrained.state_dict())  # strict loads: no missing / unexpected keys
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        expected = encoder(images)
+        expected = encoder(images).tokens
         torch.testing.assert_close(pretrained.forward_features(images), expected)
         torch.testing.assert_close(by_checkpoint.forward_features(images), expected)
     assert "pretrained_cfg_overlay=dict(file=" in result.create_model_call()

@@ -363,7 +363,7 @@ def test_mae_forward_backward_through_kernels(interpret, monkeypatch):
 
     def step():
         masking = ops.random_mask_indices(noise, num_visible(enc.num_patches, 0.75))
-        latent = enc.forward_tokens(images, ids_keep=masking.ids_keep).tokens
+        latent = enc(images, ids_keep=masking.ids_keep).tokens
         pred = dec(latent, masking.ids_restore)
         loss = ops.masked_patch_loss(pred, images, masking.mask, 8)
         params = [p for p in (*enc.parameters(), *dec.parameters()) if p.requires_grad]
@@ -374,6 +374,30 @@ def test_mae_forward_backward_through_kernels(interpret, monkeypatch):
     loss_r, grads_r = step()
     torch.testing.assert_close(loss_k, loss_r, atol=1e-5, rtol=1e-5)
     _assert_close_all(grads_k, grads_r, atol=1e-5, rtol=1e-4)
+
+
+@needs_interpreter
+def test_smaller_view_through_kernels(interpret, monkeypatch):
+    """An 8x8 view of a 16x16 model (resampled position embedding, ids_keep on the view's 2x2 grid): the fused
+    embedding gives the reference's tokens and gradients, the learned position table included."""
+    from maskray.models.vit import MaskedViT
+
+    torch.manual_seed(9)
+    enc = MaskedViT("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, pos_embed="learned")
+    images = torch.randn(2, 3, 8, 8)
+    ids_keep = _masking(2, 4, 0.5).ids_keep
+
+    def step():
+        tokens = enc(images, ids_keep=ids_keep).tokens
+        params = [p for p in enc.parameters() if p.requires_grad]
+        return tokens, torch.autograd.grad(tokens.square().sum(), params)
+
+    tokens_k, grads_k = step()
+    monkeypatch.delenv("MASKRAY_TRITON_INTERPRET")
+    tokens_r, grads_r = step()
+    assert tokens_k.shape == (2, 3, enc.embed_dim)
+    torch.testing.assert_close(tokens_k, tokens_r, atol=1e-5, rtol=1e-5)
+    _assert_close_all(grads_k, grads_r, atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ determinism

@@ -51,14 +51,15 @@ def test_encoder_drop_and_replace_shapes() -> None:
     encoder = build_encoder(config.model)
     images = torch.randn(2, 3, 16, 16)
     ids_keep = torch.stack([torch.randperm(16)[:4] for _ in range(2)])
-    out = encoder.forward_tokens(images, ids_keep=ids_keep, return_layers=(1,), return_attn=True)
+    out = encoder(images, ids_keep=ids_keep, return_layers=(1,), return_attn=True)
     assert out.tokens.shape == (2, 5, 192)
     assert out.layers[1].shape == (2, 5, 192)
     assert out.attn[0].shape == (2, 3, 5, 5)
     torch.testing.assert_close(out.attn[0].sum(-1), torch.ones(2, 3, 5))
     replace = torch.zeros(2, 16)
-    full = encoder.forward_tokens(images, replace_mask=replace, mask_token=torch.zeros(1, 1, 192)).tokens
-    torch.testing.assert_close(full, encoder(images))
+    encoder.add_mask_token()
+    full = encoder(images, replace_mask=replace).tokens
+    torch.testing.assert_close(full, encoder(images).tokens)
     assert not encoder.vit.pos_embed.requires_grad
 
 
@@ -89,7 +90,7 @@ def test_new_objective_registers_from_plugin_package(tmp_path, monkeypatch) -> N
         @register_objective("zero")
         class Zero(Objective):
             def forward(self, batch, step):
-                return ObjectiveOutput(loss=self.encoder(batch["image"]).mean() * 0)
+                return ObjectiveOutput(loss=self.encoder(batch["image"]).tokens.mean() * 0)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("MASKRAY_PLUGINS", "objectives,myplugins")

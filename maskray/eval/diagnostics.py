@@ -1,7 +1,7 @@
 """Diagnostics of "What do self-supervised ViTs learn?" (Park et al., ICLR 2023) on a frozen encoder.
 
 All three follow the objectives spec, section 8.4; attention maps (B, H, 1+N, 1+N) come from
-``MaskedViT.forward_tokens(return_attn=True)``, the CLS row and column are dropped first.
+``MaskedViT.forward(return_attn=True)``, the CLS row and column are dropped first.
 
 - **Mean attention distance** (pixels): ``sum_j A_ij * patch_size * ||cell_i - cell_j||``, averaged over queries
   and images, per head. Uniform attention on a 14x14 grid with 16-pixel patches gives 116.49 px, identity 0.
@@ -140,8 +140,8 @@ def diagnose(encoder: MaskedViT, images: torch.Tensor, batch_size: int = 16) -> 
     for start in range(0, images.shape[0], batch_size):
         chunk = images[start : start + batch_size].to(device)
         weight = chunk.shape[0] / images.shape[0]
-        out = encoder.forward_tokens(chunk, return_layers=tuple(range(depth)), return_attn=True)
-        fourier[0] += weight * fourier_high_freq(encoder.vit.norm_pre(encoder.embed(chunk)), grid)
+        out = encoder(chunk, return_layers=tuple(range(depth)), return_attn=True)
+        fourier[0] += weight * fourier_high_freq(encoder.embed(chunk), grid)
         for block in range(depth):
             attn_dist[block] += weight * mean_attention_distance(out.attn[block], grid, encoder.patch_size).numpy(
                 force=True

@@ -29,7 +29,7 @@ def extract_features(
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in FEATURES}
     labels = []
     for batch in loader:
-        out = encoder.forward_tokens(batch["image"].to(device))
+        out = encoder(batch["image"].to(device))
         feats["cls"].append(out.cls.float().cpu())
         feats["mean"].append(out.patches.float().mean(dim=1).cpu())
         labels.append(batch["label"])

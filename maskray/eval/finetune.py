@@ -41,7 +41,6 @@ from maskray.schedules import warmup_cosine
 Transform = Callable[[Image.Image | DecodedSample], torch.Tensor]  # an ImageTransform
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 _EMBEDDING = ("cls_token", "pos_embed", "reg_token", "patch_embed.")
-_NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "reg_token")
 
 
 @dataclass(frozen=True)
@@ -67,8 +66,7 @@ class FinetuneClassifier(nn.Module):
 
     def __init__(self, encoder: MaskedViT, num_classes: int, drop_path: float) -> None:
         super().__init__()
-        pos_embed = "learned" if encoder.vit.pos_embed.requires_grad else "sincos"
-        self.encoder = MaskedViT(encoder.arch, **encoder.timm_kwargs, pos_embed=pos_embed, drop_path_rate=drop_path)
+        self.encoder = MaskedViT(**{**encoder.init_kwargs, "drop_path_rate": drop_path})
         self.encoder.vit.load_state_dict(encoder.vit.state_dict(), strict=True)
         self.encoder.to(encoder.vit.cls_token.device)
         self.head = nn.Linear(encoder.embed_dim, num_classes, device=encoder.vit.cls_token.device)
@@ -77,9 +75,9 @@ class FinetuneClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, C, H, W) -> logits (B, num_classes)."""
-        vit = self.encoder.vit
-        tokens = vit.blocks(vit.norm_pre(vit.pos_drop(self.encoder.embed(images))))  # (B, 1+L, D)
-        return self.head(vit.norm(tokens[:, 1:].mean(dim=1)))
+        last = self.encoder.depth - 1
+        tokens = self.encoder(images, return_layers=(last,)).layers[last]  # (B, 1+L, D) before the final norm
+        return self.head(self.encoder.vit.norm(tokens[:, 1:].mean(dim=1)))
 
 
 def layer_id(name: str, num_layers: int) -> int:
@@ -93,8 +91,10 @@ def layer_id(name: str, num_layers: int) -> int:
 
 def param_groups(model: FinetuneClassifier, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW parameter groups with ``lr_scale = layer_decay ** (num_layers - layer_id)`` and weight decay
-    ``weight_decay`` (0 for ndim <= 1 and the token / position embeddings). Frozen parameters are left out."""
+    ``weight_decay`` (0 for ndim <= 1 and the encoder's ``no_weight_decay`` names). Frozen parameters are left
+    out."""
     num_layers = model.encoder.depth + 1
+    no_decay = model.encoder.no_weight_decay()
     groups: dict[tuple[int, bool], dict] = {}
     named = [(f"vit.{n}", p) for n, p in model.encoder.vit.named_parameters()]
     named += [(f"head.{n}", p) for n, p in model.head.named_parameters()]
@@ -103,7 +103,7 @@ def param_groups(model: FinetuneClassifier, weight_decay: float, layer_decay: fl
             continue
         name = full_name.split(".", 1)[1] if full_name.startswith("vit.") else full_name
         layer = layer_id(name, num_layers)
-        decay = param.ndim > 1 and not name.startswith(_NO_WEIGHT_DECAY)
+        decay = param.ndim > 1 and full_name not in no_decay
         group = groups.setdefault((layer, decay), {
             "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
             "lr_scale": layer_decay ** (num_layers - layer),

@@ -1,10 +1,20 @@
-"""Models: the maskable timm ViT encoder and the MAE decoder."""
+"""Models: the maskable timm ViT / Beit encoder, the MAE decoder, and ZeRO-3 registration."""
 
 from maskray.models.decoder import MAEDecoder
 from maskray.models.pos_embed import sincos_2d
-from maskray.models.vit import EncoderOutput, MaskedViT, attention_probs
+from maskray.models.vit import EncoderOutput, MaskedViT, attention_probs, is_beit_arch
+from maskray.models.zero import register_external_parameters
 
-__all__ = ["EncoderOutput", "MAEDecoder", "MaskedViT", "attention_probs", "build_encoder", "sincos_2d"]
+__all__ = [
+    "EncoderOutput",
+    "MAEDecoder",
+    "MaskedViT",
+    "attention_probs",
+    "build_encoder",
+    "is_beit_arch",
+    "register_external_parameters",
+    "sincos_2d",
+]
 
 
 def build_encoder(model_config) -> MaskedViT:
@@ -17,4 +27,6 @@ def build_encoder(model_config) -> MaskedViT:
         depth=model_config.depth,
         pos_embed=model_config.pos_embed,
         drop_path_rate=model_config.drop_path_rate,
+        layer_scale=model_config.layer_scale,
+        rel_pos_bias=model_config.rel_pos_bias,
     )

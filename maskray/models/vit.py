@@ -1,34 +1,49 @@
-"""A timm VisionTransformer whose encoder can run only the visible tokens.
+"""A timm ViT (``VisionTransformer`` or ``Beit``) whose encoder can run only the visible tokens.
 
-:class:`MaskedViT` owns an unmodified ``timm`` ``VisionTransformer`` (``self.vit``), so its state dict is a
-timm state dict and loads into ``timm.create_model(arch, ...)`` with the same keyword overrides. Two kinds of
-masking are supported (spec section 1.2):
+:class:`MaskedViT` owns an unmodified ``timm`` model (``self.vit``), so its state dict is a timm state dict and
+loads into ``timm.create_model(arch, num_classes=0, **encoder.timm_kwargs)``. Two kinds of masking are supported
+(spec section 1.2), both through :meth:`MaskedViT.forward`, the one entry point (ZeRO-3 gathers parameters in
+module forwards, see :mod:`maskray.models.zero`):
 
 - drop (MAE style): ``ids_keep`` (B, K): only the kept patches are embedded and run through the blocks;
-- replace (BERT style): ``replace_mask`` (B, L) in {0, 1} with a ``mask_token`` (1, 1, D): every position
-  is fed, masked ones get the mask token before the position embedding is added.
+- replace (BERT style): ``replace_mask`` (B, L) in {0, 1}: every position is fed, masked ones get the encoder's
+  ``mask_token`` (created by :meth:`MaskedViT.add_mask_token`) before the position embedding is added.
+
+Images of another size than ``img_size`` (e.g. MSN's small focal crops) get the absolute position embedding
+resampled to their grid (bicubic, CLS slot kept), as timm does for ``dynamic_img_size``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from timm.models.beit import Attention as BeitAttention
+from timm.models.beit import Beit
+from timm.models.vision_transformer import VisionTransformer
 
 from maskray.masking import embed_visible_patches
 from maskray.models.pos_embed import sincos_2d
 
+PosEmbed = Literal["sincos", "learned", "none"]
+RelPosBias = Literal["none", "shared", "per_block", "both"]
 
-@dataclass
-class EncoderOutput:
+
+class EncoderOutput(NamedTuple):
     """tokens: (B, 1+n, D) after the final norm (CLS first); layers: block index -> (B, 1+n, D) block
-    outputs before the final norm; attn: block index -> (B, H, 1+n, 1+n) attention probabilities."""
+    outputs before the final norm; attn: block index -> (B, H, 1+n, 1+n) attention probabilities.
+
+    A named tuple (of a tensor and dicts) so that DeepSpeed ZeRO-3 finds the output tensors and attaches the
+    encoder's pre-backward hook, which gathers its (external) parameters for the backward pass.
+    """
 
     tokens: torch.Tensor
-    layers: dict[int, torch.Tensor] = field(default_factory=dict)
-    attn: dict[int, torch.Tensor] = field(default_factory=dict)
+    layers: dict[int, torch.Tensor]
+    attn: dict[int, torch.Tensor]
 
     @property
     def cls(self) -> torch.Tensor:
@@ -41,25 +56,50 @@ class EncoderOutput:
         return self.tokens[:, 1:]
 
 
-def attention_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Recompute the softmax attention of a timm ``Attention`` module explicitly.
+def is_beit_arch(arch: str) -> bool:
+    """Whether ``arch`` is a registered timm model built by ``timm.models.beit`` (``beit_*``, ``beitv2_*``)."""
+    return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__ == "timm.models.beit"
 
-    x: (B, N, D) block input after ``norm1``. Returns (B, H, N, N).
+
+def attention_probs(attn: nn.Module, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Recompute the softmax attention of a timm ``Attention`` (ViT) or Beit ``Attention`` module explicitly.
+
+    x: (B, N, D) block input after ``norm1``; shared_rel_pos_bias: (H, N, N) Beit's shared bias or None.
+    Beit attention includes its per-block relative position bias. Returns (B, H, N, N).
+    Reads the attention weights outside their owners' forward: under ZeRO-3 call it with the parameters gathered.
     """
-    batch, length, dim = x.shape
-    qkv = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, dim // attn.num_heads).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    batch, length, _ = x.shape
+    if isinstance(attn, BeitAttention):
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = F.linear(x, attn.qkv.weight, bias)
+    else:
+        qkv = attn.qkv(x)
+    qkv = qkv.reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    if not isinstance(attn, BeitAttention):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+    if isinstance(attn, BeitAttention) and attn.relative_position_bias_table is not None:
+        table = attn.relative_position_bias_table[attn.relative_position_index.view(-1)]
+        logits = logits + table.view(length, length, -1).permute(2, 0, 1)
+    if shared_rel_pos_bias is not None:
+        logits = logits + shared_rel_pos_bias
+    return logits.softmax(dim=-1)
 
 
 class MaskedViT(nn.Module):
-    """Encoder wrapper around ``timm.create_model(arch, num_classes=0, **overrides)``.
+    """Encoder wrapper around ``timm.create_model(arch, num_classes=0, **timm_kwargs)``.
 
     Args:
-        arch: a timm ViT name, e.g. ``vit_tiny_patch16_224`` ... ``vit_huge_patch14_224``.
+        arch: a timm ViT name (``vit_tiny_patch16_224`` ... ``vit_huge_patch14_224``) or a timm Beit name
+            (``beit_base_patch16_224``, ``beitv2_base_patch16_224``, ...).
         img_size, patch_size, in_chans, depth: overrides passed to timm (``depth=None`` keeps the arch's).
-        pos_embed: ``"sincos"`` (fixed 2-D sin-cos, not trained, as MAE) or ``"learned"``.
-        drop_path_rate: stochastic depth.
+        pos_embed: absolute position embedding: ``"sincos"`` (fixed 2-D sin-cos, not trained, as MAE),
+            ``"learned"``, or ``"none"`` (Beit archs with a relative position bias only, as BEiT v2).
+        drop_path_rate: stochastic depth (timm's linear decay over the blocks).
+        layer_scale: LayerScale init value (timm ``init_values``); None: no LayerScale, whatever the arch's default.
+        rel_pos_bias: BEiT relative position bias (Beit archs only): one table shared by all blocks
+            (``"shared"``), one per block (``"per_block"``), or both added (``"both"``, as DTM).
     """
 
     def __init__(
@@ -69,24 +109,52 @@ class MaskedViT(nn.Module):
         patch_size: int,
         in_chans: int = 3,
         depth: int | None = None,
-        pos_embed: str = "sincos",
+        pos_embed: PosEmbed = "sincos",
         drop_path_rate: float = 0.0,
+        layer_scale: float | None = None,
+        rel_pos_bias: RelPosBias = "none",
     ) -> None:
         super().__init__()
-        overrides: dict = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans)
+        if pos_embed not in ("sincos", "learned", "none"):
+            raise ValueError(f"pos_embed must be 'sincos', 'learned' or 'none', got {pos_embed!r}")
+        if rel_pos_bias not in ("none", "shared", "per_block", "both"):
+            raise ValueError(f"rel_pos_bias must be 'none', 'shared', 'per_block' or 'both', got {rel_pos_bias!r}")
+        beit = is_beit_arch(arch)
+        if rel_pos_bias != "none" and not beit:
+            raise ValueError(f"{arch}: a relative position bias needs a timm Beit arch (beit_*, beitv2_*)")
+        if pos_embed == "none" and rel_pos_bias == "none":
+            raise ValueError("pos_embed 'none' needs a relative position bias (rel_pos_bias)")
+        self.arch = arch
+        self.init_kwargs = dict(
+            arch=arch, img_size=img_size, patch_size=patch_size, in_chans=in_chans, depth=depth,
+            pos_embed=pos_embed, drop_path_rate=drop_path_rate, layer_scale=layer_scale, rel_pos_bias=rel_pos_bias,
+        )
+        # init_values 0.0, not None, turns LayerScale off: timm.create_model drops None kwargs (arch defaults win)
+        init_values = 0.0 if layer_scale is None else layer_scale
+        overrides: dict = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, init_values=init_values)
         if depth is not None:
             overrides["depth"] = depth
-        self.arch = arch
+        if beit:  # final norm on the tokens (timm's Beit defaults to a norm after average pooling instead)
+            overrides.update(
+                use_abs_pos_emb=pos_embed != "none",
+                use_rel_pos_bias=rel_pos_bias in ("per_block", "both"),
+                use_shared_rel_pos_bias=rel_pos_bias in ("shared", "both"),
+                use_fc_norm=False,
+            )
         self.timm_kwargs = overrides
         self.vit = timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **overrides)
-        if self.vit.cls_token is None or self.vit.no_embed_class:
-            raise ValueError(f"{arch}: maskray needs a ViT with a CLS token and a position slot for it")
+        if not isinstance(self.vit, (VisionTransformer, Beit)):
+            raise ValueError(f"{arch}: maskray supports timm VisionTransformer and Beit archs")
+        if isinstance(self.vit, VisionTransformer) and (self.vit.no_embed_class or self.vit.pos_embed is None):
+            raise ValueError(f"{arch}: maskray needs a ViT with a position slot for the CLS token")
+        if self.vit.cls_token is None or not isinstance(self.vit.patch_embed.norm, nn.Identity):
+            raise ValueError(f"{arch}: maskray needs a CLS token and a patch embedding without norm")
+        self.has_rel_pos_bias = rel_pos_bias != "none"
+        self.register_parameter("mask_token", None)
         if pos_embed == "sincos":
             with torch.no_grad():
                 self.vit.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size))
             self.vit.pos_embed.requires_grad_(False)
-        elif pos_embed != "learned":
-            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         self._init_mae_style()
 
     def _init_mae_style(self) -> None:
@@ -119,51 +187,104 @@ class MaskedViT(nn.Module):
     def depth(self) -> int:
         return len(self.vit.blocks)
 
+    def add_mask_token(self) -> nn.Parameter:
+        """Create (on the first call) and return ``self.mask_token`` (1, 1, D) ~ N(0, 0.02), used by the replace
+        path. It lives outside ``self.vit``, so :meth:`timm_state_dict` is unchanged. Call it before DeepSpeed
+        wraps the model (an objective's ``__init__``)."""
+        if self.mask_token is None:
+            cls = self.vit.cls_token
+            self.mask_token = nn.Parameter(torch.empty(1, 1, self.embed_dim, device=cls.device, dtype=cls.dtype))
+            nn.init.normal_(self.mask_token, std=0.02)
+        return self.mask_token
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """The parameters :meth:`forward` reads outside their owner's forward (the fused patch embedding reads
+        the projection weight and bias, and the CLS token and position embedding are read directly); see
+        :func:`maskray.models.zero.register_external_parameters`."""
+        proj = self.vit.patch_embed.proj
+        return [p for p in (proj.weight, proj.bias, self.vit.cls_token, self.vit.pos_embed) if p is not None]
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (as in ``self.named_parameters()``) to exclude from weight decay: timm's own list (prefixed
+        ``vit.``: position embedding, CLS token, relative position bias tables) and the mask token."""
+        names = {f"vit.{name}" for name in self.vit.no_weight_decay()} | {"mask_token"}
+        return names & {name for name, _ in self.named_parameters()}
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """(1, 1 + gh*gw, D) absolute position embedding for a (gh, gw) patch grid (the model's own table at its
+        own grid, else bicubic resampling of the patch part, CLS slot kept); None without one."""
+        if self.vit.pos_embed is None:
+            return None
+        return resample_abs_pos_embed(self.vit.pos_embed, new_size=list(grid), old_size=list(self.grid_size))
+
     def embed(
         self,
         images: torch.Tensor,
         ids_keep: torch.Tensor | None = None,
         replace_mask: torch.Tensor | None = None,
-        mask_token: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """images: (B, C, H, W) -> (B, 1+n, D) tokens with positions; n = K with ``ids_keep`` else L."""
-        proj = self.vit.patch_embed.proj
-        if replace_mask is None:
-            vit = self.vit
-            return embed_visible_patches(images, ids_keep, proj.weight, proj.bias, vit.pos_embed, vit.cls_token)
-        if ids_keep is not None or mask_token is None:
-            raise ValueError("replace_mask needs a mask_token and excludes ids_keep")
-        tokens = self.vit.patch_embed(images)  # (B, L, D)
-        weight = replace_mask.unsqueeze(-1).to(tokens.dtype)
-        tokens = tokens * (1.0 - weight) + mask_token.to(tokens.dtype) * weight
-        cls = self.vit.cls_token.expand(tokens.shape[0], -1, -1)
-        return torch.cat([cls, tokens], dim=1) + self.vit.pos_embed
+        """images: (B, C, H, W) -> (B, 1+n, D) input of the first block (tokens with positions, after
+        ``pos_drop`` and a ViT's ``norm_pre``); n = K with ``ids_keep`` (B, K), else L = (H/p)(W/p).
 
-    def forward_tokens(
+        ``ids_keep`` indexes this view's own row-major grid; ``replace_mask`` (B, L) in {0, 1} swaps masked
+        patches for the mask token. With a relative position bias, views must have the model's size and masking
+        must be replace-style (the bias tables are sized for the full grid).
+        """
+        patch = self.patch_size
+        if images.shape[-2] % patch or images.shape[-1] % patch:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by patch size {patch}")
+        grid = (images.shape[-2] // patch, images.shape[-1] // patch)
+        if self.has_rel_pos_bias:
+            if ids_keep is not None:
+                raise ValueError("a relative position bias covers the full grid: use replace_mask, not ids_keep")
+            if grid != self.grid_size:
+                raise ValueError(f"a relative position bias is sized for the {self.grid_size} grid, got {grid}")
+        if ids_keep is not None and replace_mask is not None:
+            raise ValueError("ids_keep and replace_mask exclude each other")
+        if replace_mask is not None and self.mask_token is None:
+            raise ValueError("replace_mask needs the mask token: call add_mask_token() when building the objective")
+        proj, pos_embed = self.vit.patch_embed.proj, self.pos_embed_for(grid)
+        if replace_mask is None and pos_embed is not None:
+            x = embed_visible_patches(images, ids_keep, proj.weight, proj.bias, pos_embed, self.vit.cls_token)
+        else:
+            tokens = proj(images).flatten(2).transpose(1, 2)  # (B, L, D)
+            if replace_mask is not None:
+                weight = replace_mask.unsqueeze(-1).to(tokens.dtype)
+                tokens = tokens * (1.0 - weight) + self.mask_token.to(tokens.dtype) * weight
+            x = torch.cat([self.vit.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+            if pos_embed is not None:
+                x = x + pos_embed
+        x = self.vit.pos_drop(x)
+        return self.vit.norm_pre(x) if isinstance(self.vit, VisionTransformer) else x
+
+    def forward(
         self,
         images: torch.Tensor,
         *,
         ids_keep: torch.Tensor | None = None,
         replace_mask: torch.Tensor | None = None,
-        mask_token: torch.Tensor | None = None,
         return_layers: tuple[int, ...] = (),
         return_attn: bool = False,
     ) -> EncoderOutput:
-        """Run the encoder. ``return_layers`` picks block indices (0-based) whose outputs are returned."""
-        x = self.vit.norm_pre(self.vit.pos_drop(self.embed(images, ids_keep, replace_mask, mask_token)))
+        """Run the encoder on images (B, C, H, W); masking as in :meth:`embed`.
+
+        ``return_layers`` picks block indices (0-based) whose outputs are returned; ``return_attn`` recomputes
+        every block's attention probabilities (see :func:`attention_probs` for ZeRO-3).
+        """
+        if any(not 0 <= index < self.depth for index in return_layers):
+            raise ValueError(f"return_layers {tuple(return_layers)} outside the {self.depth} blocks")
+        x = self.embed(images, ids_keep, replace_mask)
+        beit = isinstance(self.vit, Beit)
+        shared_bias = self.vit.rel_pos_bias() if beit and self.vit.rel_pos_bias is not None else None
         layers: dict[int, torch.Tensor] = {}
         attn: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.vit.blocks):
             if return_attn:
-                attn[index] = attention_probs(block.attn, block.norm1(x))
-            x = block(x)
+                attn[index] = attention_probs(block.attn, block.norm1(x), shared_bias)
+            x = block(x, shared_rel_pos_bias=shared_bias) if beit else block(x)
             if index in return_layers:
                 layers[index] = x
         return EncoderOutput(tokens=self.vit.norm(x), layers=layers, attn=attn)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Unmasked forward: (B, C, H, W) -> (B, 1+L, D) normalised tokens."""
-        return self.forward_tokens(images).tokens
 
     def timm_state_dict(self) -> dict[str, torch.Tensor]:
         """A state dict that ``timm.create_model(self.arch, num_classes=0, **self.timm_kwargs)`` loads."""
