@@ -29,10 +29,11 @@ from __future__ import annotations
 import importlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -56,12 +57,15 @@ class ObjectiveParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-@dataclass
-class ObjectiveOutput:
-    """loss: scalar to minimise; metrics: detached scalars averaged over ranks and logged (loss parts, ...)."""
+class ObjectiveOutput(NamedTuple):
+    """loss: scalar to minimise; metrics: detached scalars averaged over ranks and logged (loss parts, ...).
+
+    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the tensors of a module's output to hook its backward
+    (it cannot look inside dataclasses), which parameters owned by the objective itself need.
+    """
 
     loss: torch.Tensor
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: Mapping[str, torch.Tensor] = MappingProxyType({})
 
 
 @dataclass(frozen=True)

@@ -43,18 +43,21 @@ def demo_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def process_group():
-    """A one-process gloo group on 127.0.0.1, for DeepSpeed engines inside the test process."""
+    """A world-size-1 gloo process group on 127.0.0.1 for DeepSpeed engines inside the test process; yields the
+    deepspeed module. Session-wide and destroyed once at the end: DeepSpeed keeps its groups, so a second init
+    after a destroy fails."""
     import socket
 
+    import deepspeed
     import torch.distributed as dist
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    for key in env:
-        os.environ.pop(key, None)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        deepspeed.init_distributed("gloo")
+        yield deepspeed
+        dist.destroy_process_group()

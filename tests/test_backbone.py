@@ -5,7 +5,6 @@ names, strict timm export, and a single-process DeepSpeed ZeRO-3 step."""
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import timm
@@ -229,23 +228,6 @@ class _MAE(nn.Module):
         masking = random_mask_indices(noise, num_visible(16, 0.75))
         latent = self.encoder(images, ids_keep=masking.ids_keep).tokens
         return masked_patch_loss(self.decoder(latent, masking.ids_restore), images, masking.mask, 4)
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A world-size-1 gloo process group for DeepSpeed on CPU, destroyed after this module's tests (once: DeepSpeed
-    keeps its groups, so a second init after a destroy fails)."""
-    deepspeed = pytest.importorskip("deepspeed")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                               LOCAL_RANK="0", DS_ACCELERATOR="cpu").items():
-            patch.setenv(key, value)
-        deepspeed.init_distributed("gloo")
-        yield deepspeed
-        torch.distributed.destroy_process_group()
 
 
 class _BeitReplace(nn.Module):

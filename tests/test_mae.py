@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from maskray.config import load_config
+from maskray.context import StepContext
 from maskray.masking import masked_patch_loss, patchify
 from maskray.models import build_encoder
 from maskray.objective import OBJECTIVES, build_objective, get_objective
@@ -69,10 +70,13 @@ def test_mae_step_reduces_loss_on_fixed_batch() -> None:
     objective = build_objective("mae", config.objective.params, build_encoder(config.model))
     optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3)
     batch = {"image": torch.randn(8, 3, 16, 16)}
-    noise = torch.rand(8, 16)
-    first = objective(batch, 0, noise=noise).loss.item()
+
+    def fixed_mask(step: int) -> StepContext:  # the same noise every step
+        return StepContext(step, 60, generator=torch.Generator().manual_seed(0))
+
+    first = objective(batch, fixed_mask(0)).loss.item()
     for step in range(60):
-        loss = objective(batch, step, noise=noise).loss
+        loss = objective(batch, fixed_mask(step)).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -89,7 +93,7 @@ def test_new_objective_registers_from_plugin_package(tmp_path, monkeypatch) -> N
 
         @register_objective("zero")
         class Zero(Objective):
-            def forward(self, batch, step):
+            def loss(self, batch, outputs, ctx):
                 return ObjectiveOutput(loss=self.encoder(batch["image"]).tokens.mean() * 0)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -97,7 +101,7 @@ def test_new_objective_registers_from_plugin_package(tmp_path, monkeypatch) -> N
     try:
         config = load_config(None, ["objective.name=zero"])
         objective = build_objective("zero", config.objective.params, build_encoder(config.model))
-        assert objective({"image": torch.randn(1, 3, 16, 16)}, 0).loss.item() == 0
+        assert objective({"image": torch.randn(1, 3, 16, 16)}, StepContext(0, 1)).loss.item() == 0
         assert get_objective("mae").name == "mae"
     finally:
         OBJECTIVES.pop("zero", None)

@@ -309,9 +309,10 @@ def test_ema_teacher_updates_once_per_optimizer_step_under_accumulation(process_
         assert record.metrics["momentum/teacher"] == pytest.approx(m)
         with torch.no_grad(), _gathered(objective.encoder):
             students = [p.detach().clone() for p in objective.encoder.parameters()]
-        expected = [m * old + (1 - m) * new for old, new in zip(expected, students, strict=True)]
+        # the formula, in the same floating-point order as the update: m * teacher + (1 - m) * student
+        expected = [old.mul(m).add_(new, alpha=1 - m) for old, new in zip(expected, students, strict=True)]
         for want, have in zip(expected, teacher.module.parameters(), strict=True):
-            torch.testing.assert_close(have, want, rtol=0, atol=1e-7)
+            assert torch.equal(have, want)
             assert have.grad is None
     assert int(objective.seen) == 3 * 2 * 4
 

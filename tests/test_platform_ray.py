@@ -56,7 +56,7 @@ def _trace(directory: Path, rank: int) -> list[dict]:
 def _composite(demo_shards, tmp_path, stage: int, trace: Path):
     trace.mkdir(parents=True)
     parts = f"[{{name: mae}}, {{name: twoview_ema, weight: 0.5, trace_dir: '{trace}'}}]"
-    return _config(demo_shards, tmp_path, "objective.name=composite", f"objective.parts={parts}",
+    return _config(demo_shards, tmp_path, f"objective={{name: composite, parts: {parts}}}",
                    "optim.grad_accum=2", f"train.zero_stage={stage}")
 
 
