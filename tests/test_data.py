@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from encoding import npy_bytes, png_bytes
 from PIL import Image
 
 from maskray.data import (
@@ -363,22 +364,10 @@ CLIPS = {f"c{i:02d}": np.random.default_rng(100 + i).integers(0, 256, (3 + i % 4
          for i in range(12)}
 
 
-def _encode_png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _encode_npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def _clip_members(clip: np.ndarray, clip_format: str) -> dict[str, bytes]:
     if clip_format == "npy":
-        return {"npy": _encode_npy(clip)}
-    return {f"{t:03d}.png": _encode_png(frame) for t, frame in enumerate(clip)}
+        return {"npy": npy_bytes(clip)}
+    return {f"{t:03d}.png": png_bytes(frame) for t, frame in enumerate(clip)}
 
 
 class _Frames:
@@ -395,7 +384,7 @@ def _clip_folder(root: Path) -> dict[str, np.ndarray]:
         folder = root / ("a" if i < 6 else "b") / name
         folder.mkdir(parents=True)
         for t, frame in enumerate(clip):
-            (folder / f"f{t}.png").write_bytes(_encode_png(frame))
+            (folder / f"f{t}.png").write_bytes(png_bytes(frame))
         keys[f"{folder.parent.name}_{name}"] = clip
     return keys
 
@@ -444,14 +433,14 @@ def test_manifest_hashes_members_in_name_order(tmp_path):
     clip = CLIPS["c00"]
     samples = [
         Sample("frames", {"002.png": frames[2], "000.png": frames[0], "001.png": frames[1]}),
-        Sample("clip", {"npy": _encode_npy(clip)}),
+        Sample("clip", {"npy": npy_bytes(clip)}),
         Sample("single", image=frames[0], ext="png", label=1),
     ]
     write_shards(samples, tmp_path, progress=False)
     rows = {row["key"]: row for row in read_manifest(tmp_path).to_pylist()}
     assert rows["frames"]["sha256"] == hashlib.sha256(b"".join(frames)).hexdigest()
     assert rows["frames"]["nbytes"] == sum(map(len, frames)) and rows["frames"]["frames"] == 3
-    assert rows["clip"]["sha256"] == hashlib.sha256(_encode_npy(clip)).hexdigest() and rows["clip"]["frames"] == 3
+    assert rows["clip"]["sha256"] == hashlib.sha256(npy_bytes(clip)).hexdigest() and rows["clip"]["frames"] == 3
     assert rows["single"]["sha256"] == hashlib.sha256(frames[0]).hexdigest() and rows["single"]["frames"] == 1
 
 
@@ -477,8 +466,8 @@ def test_old_manifest_without_frames_still_reads(tmp_path):
         ({"cls": b"1"}, "expected one of"),
         ({"000.gif": b"x"}, "expected one of"),
         ({"npy": b"not an array"}, "'bad'"),
-        ({"npy": _encode_npy(np.zeros((2, 4, 4), np.float32))}, "expected uint8"),
-        ({"npy": _encode_npy(np.zeros((4, 4), np.uint8))}, "expected uint8"),
+        ({"npy": npy_bytes(np.zeros((2, 4, 4), np.float32))}, "expected uint8"),
+        ({"npy": npy_bytes(np.zeros((4, 4), np.uint8))}, "expected uint8"),
         ({}, "no members"),
     ],
 )
@@ -492,16 +481,16 @@ def test_make_shards_clip_errors_and_unlabelled_clips(tmp_path, capsys):
     root = tmp_path / "clips"
     (root / "one").mkdir(parents=True)
     for t in range(2):
-        (root / "one" / f"{t}.png").write_bytes(_encode_png(CLIPS["c00"][t]))
+        (root / "one" / f"{t}.png").write_bytes(png_bytes(CLIPS["c00"][t]))
     assert make_shards_main([str(root), str(tmp_path / "out"), "--clips"]) == 0  # root/<clip>: unlabelled
     assert read_manifest(tmp_path / "out").to_pylist()[0] | {"sha256": None} == {
-        "shard": "shard-000000.tar", "key": "one", "label": -1, "nbytes": len(_encode_npy(CLIPS["c00"][:2])),
+        "shard": "shard-000000.tar", "key": "one", "label": -1, "nbytes": len(npy_bytes(CLIPS["c00"][:2])),
         "sha256": None, "frames": 2,
     }
     assert "1 clips (2 frames)" in capsys.readouterr().out
 
     (root / "two").mkdir()
-    (root / "two" / "a.png").write_bytes(_encode_png(CLIPS["c00"][0]))
+    (root / "two" / "a.png").write_bytes(png_bytes(CLIPS["c00"][0]))
     (root / "two" / "b.png").write_bytes(_png(0, size=6))
     for fmt in ("npy", "frames"):
         assert make_shards_main([str(root), str(tmp_path / fmt), "--clips", "--clip-format", fmt]) == 2

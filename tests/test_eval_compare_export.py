@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import timm
 import torch
+from encoding import png_bytes
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from maskray.checkpoint import CONFIG_FILE, ENCODER_FILE
@@ -271,12 +271,6 @@ def test_export_round_trip_through_timm(store, tmp_path) -> None:
     assert artifacts == {"encoder/encoder.safetensors", "encoder/timm.json"}
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _labelled_shards(directory: Path, per_class: int, seed: int) -> str:
     """3 classes of 16x16 RGB noise images whose brightness depends on the class."""
     rng = np.random.default_rng(seed)
@@ -284,7 +278,7 @@ def _labelled_shards(directory: Path, per_class: int, seed: int) -> str:
     for index in range(3 * per_class):
         label = index % 3
         pixels = np.clip(40 + 80 * label + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
-        samples.append(Sample(key=f"s{index:04d}", image=_png(pixels), ext="png", label=label))
+        samples.append(Sample(key=f"s{index:04d}", image=png_bytes(pixels), ext="png", label=label))
     write_shards(samples, directory, samples_per_shard=32, progress=False)
     return str(directory)
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from encoding import png_bytes
 
 from maskray.config import load_config
 from maskray.data import ImageTransform, Sample, ShardSet, write_shards
@@ -16,12 +15,6 @@ from maskray.eval.finetune import FinetuneClassifier, FinetuneConfig, finetune, 
 from maskray.models import build_encoder
 
 FAST = FinetuneConfig(epochs=6, warmup_epochs=1, batch_size=16, blr=0.02)
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _two_classes(directory: Path, per_class: int, seed: int) -> ShardSet:
@@ -33,7 +26,7 @@ def _two_classes(directory: Path, per_class: int, seed: int) -> ShardSet:
         pixels = rng.normal(200, 15, (20, 20, 3))
         pixels[:, :10] -= 150 * (1 - label)
         pixels[:, 10:] -= 150 * label
-        samples.append(Sample(f"s{index:04d}", image=_png(np.clip(pixels, 0, 255).astype(np.uint8)), ext="png",
+        samples.append(Sample(f"s{index:04d}", image=png_bytes(np.clip(pixels, 0, 255).astype(np.uint8)), ext="png",
                               label=label))
     return write_shards(samples, directory, samples_per_shard=32, progress=False)
 

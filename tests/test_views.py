@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 
 import numpy as np
 import pytest
 import torch
+from encoding import npy_bytes, png_bytes
 from PIL import Image
 
 from maskray.data import (
@@ -27,18 +27,6 @@ from maskray.data import (
 UNIT = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # FramePair outputs pixel / 255
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=True)
-    return buffer.getvalue()
-
-
 def _sample(members: dict[str, bytes]) -> DecodedSample:
     return DecodedSample(key="k", label=-1, url="shard-000000.tar", members=members)
 
@@ -52,13 +40,13 @@ def _random(shape: tuple[int, ...], seed: int = 0, low: int = 0, high: int = 256
 
 def test_decoded_sample_images_in_member_name_order():
     pixels = [_random((5, 7, 3), seed) for seed in range(3)]
-    sample = _sample({"002.png": _png(pixels[2]), "000.png": _png(pixels[0]), "001.png": _png(pixels[1])})
+    sample = _sample({f"{i:03d}.png": png_bytes(pixels[i]) for i in (2, 0, 1)})
     assert sample.num_images == sample.num_frames == 3
     assert all((np.asarray(sample.image(i)) == pixels[i]).all() for i in range(3))
     assert (sample.frames() == np.stack(pixels)).all() and sample.frames().dtype == np.uint8
-    grey = _sample({"png": _png(pixels[0][..., 0])})
+    grey = _sample({"png": png_bytes(pixels[0][..., 0])})
     assert grey.num_images == 1 and grey.frames().shape == (1, 5, 7, 1)
-    mixed = _sample({"000.png": _png(pixels[0][..., 0]), "001.png": _png(pixels[1])})
+    mixed = _sample({"000.png": png_bytes(pixels[0][..., 0]), "001.png": png_bytes(pixels[1])})
     assert mixed.frames().shape == (2, 5, 7, 3) and (mixed.frames()[0] == pixels[0][..., :1]).all()
     with pytest.raises(IndexError):
         sample.image(3)
@@ -66,15 +54,15 @@ def test_decoded_sample_images_in_member_name_order():
 
 def test_decoded_sample_npy_clip_and_errors():
     clip = _random((4, 6, 5))
-    sample = _sample({"npy": _npy(clip)})
+    sample = _sample({"npy": npy_bytes(clip)})
     assert sample.num_frames == 4 and sample.num_images == 0
     assert (sample.frames() == clip[..., None]).all()
-    assert _sample({"npy": _npy(_random((2, 3, 3, 3)))}).frames().shape == (2, 3, 3, 3)
+    assert _sample({"npy": npy_bytes(_random((2, 3, 3, 3)))}).frames().shape == (2, 3, 3, 3)
     with pytest.raises(ValueError, match="no image member"):
         sample.image()
     for bad in (np.zeros((2, 3, 3), np.float32), np.zeros((3, 3), np.uint8), np.array([{"a": 1}], dtype=object)):
         with pytest.raises(ValueError, match="expected uint8"):
-            _sample({"npy": _npy(bad)}).frames()
+            _sample({"npy": npy_bytes(bad, allow_pickle=True)}).frames()
     with pytest.raises(ValueError, match="no frames"):
         _sample({"json": b"{}"}).frames()
     with pytest.raises(OSError):
@@ -86,7 +74,7 @@ def test_decoded_sample_npy_clip_and_errors():
 
 def test_image_transform_takes_samples_and_has_value_equality():
     pixels = _random((10, 12, 3))
-    sample = _sample({"png": _png(pixels)})
+    sample = _sample({"png": png_bytes(pixels)})
     transform = ImageTransform(8, train=False)
     assert torch.equal(transform(sample), transform(Image.fromarray(pixels)))
     assert transform.shape == (3, 8, 8) and ImageTransform(6, train=True, in_chans=1).shape == (1, 6, 6)
@@ -100,7 +88,7 @@ def test_views_shapes_merge_and_equality():
     crops = MultiCrop([ImageTransform(8, train=True), ImageTransform(4, train=True)])
     views = Views(image=ImageTransform(8, train=True), crops=crops, mask=BlockMask((4, 4), 6, min_block=2))
     assert views.shapes() == {"image": (3, 8, 8), "crops": [(3, 8, 8), (3, 4, 4)], "mask": (16,)}
-    out = views(_sample({"jpg": _png(_random((9, 9, 3)))}))
+    out = views(_sample({"jpg": png_bytes(_random((9, 9, 3)))}))
     assert out["image"].shape == (3, 8, 8) and [c.shape for c in out["crops"]] == [(3, 8, 8), (3, 4, 4)]
     assert out["mask"].dtype == torch.int64 and out["mask"].sum() == 6
 
@@ -140,7 +128,7 @@ def test_block_mask_generator_follows_the_torch_seed():
 def test_views_in_forkserver_loader_workers(tmp_path):
     """Every view has its declared shape inside loader worker processes; masks are exact, and differ between
     samples, loader workers and ranks (ranks that seeded torch alike included)."""
-    samples = [Sample(f"s{i:02d}", image=_png(_random((10, 10, 3), i)), ext="png") for i in range(16)]
+    samples = [Sample(f"s{i:02d}", image=png_bytes(_random((10, 10, 3), i)), ext="png") for i in range(16)]
     shards = write_shards(samples, tmp_path, samples_per_shard=4, progress=False)
     views = Views(
         big=ImageTransform(12, train=True),
@@ -175,7 +163,7 @@ def test_views_in_forkserver_loader_workers(tmp_path):
 def test_frame_pair_gap_and_start():
     levels = 20 + 10 * np.arange(8)
     clip = np.broadcast_to(levels[:, None, None, None], (8, 12, 12, 3)).astype(np.uint8)  # frame t = 20 + 10t
-    sample = _sample({"npy": _npy(clip)})
+    sample = _sample({"npy": npy_bytes(clip)})
     entry = FramePair(6, max_gap=3, **UNIT)
     torch.manual_seed(0)
     pairs = set()
@@ -186,14 +174,14 @@ def test_frame_pair_gap_and_start():
         assert 0 < j - i <= 3 and 0 <= i and j < 8
         pairs.add((i, j))
     assert {j - i for i, j in pairs} == {1, 2, 3} and {i for i, _ in pairs} == set(range(7))
-    single = _sample({"npy": _npy(clip[:1])})
+    single = _sample({"npy": npy_bytes(clip[:1])})
     assert all(torch.equal(*FramePair(6, max_gap=3)(single)) for _ in range(5))
 
 
 def test_frame_pair_crops_both_frames_alike():
     torch.manual_seed(0)
     still = np.broadcast_to(_random((16, 20, 3)), (5, 16, 20, 3))
-    for members in ({"npy": _npy(still)}, {f"{t:03d}.png": _png(frame) for t, frame in enumerate(still)}):
+    for members in ({"npy": npy_bytes(still)}, {f"{t:03d}.png": png_bytes(frame) for t, frame in enumerate(still)}):
         out = FramePair(8, max_gap=4, crop_scale=(0.2, 1.0))(_sample(members))
         assert torch.equal(out[0], out[1])
     base = _random((16, 20, 3), low=70, high=150)
@@ -202,14 +190,14 @@ def test_frame_pair_crops_both_frames_alike():
     for entry in (FramePair(8, max_gap=2, crop_scale=(0.2, 1.0), **UNIT), grey):
         differences = set()
         for _ in range(20):
-            out = entry(_sample({"npy": _npy(shifted)}))
+            out = entry(_sample({"npy": npy_bytes(shifted)}))
             assert out.shape == entry.shape
             difference = (out[1] - out[0]) * 255  # the same crop of both: 25 * gap everywhere (+-1 rounding)
             assert float(difference.max() - difference.min()) <= 2.01
             differences.add(int(round(float(difference.mean()))))
         assert differences <= {25, 50}
     two = np.stack([base, _random((16, 20, 3), seed=1)])
-    other = FramePair(8, max_gap=1, **UNIT)(_sample({"npy": _npy(two)}))
+    other = FramePair(8, max_gap=1, **UNIT)(_sample({"npy": npy_bytes(two)}))
     assert not torch.equal(other[0], other[1])
 
 
@@ -248,7 +236,7 @@ def _unnamed(sample: DecodedSample) -> torch.Tensor:
 
 def test_loader_collates_nested_outputs_and_rejects_non_dicts(tmp_path):
     pixels = [_random((5, 4, 3), i) for i in range(6)]
-    samples = [Sample(f"s{i}", image=_png(p), ext="png", label=i) for i, p in enumerate(pixels)]
+    samples = [Sample(f"s{i}", image=png_bytes(p), ext="png", label=i) for i, p in enumerate(pixels)]
     shards = write_shards(samples, tmp_path, samples_per_shard=6, progress=False)
     batches = list(build_loader(shards, _nested, batch_size=4, num_workers=0, drop_last=False))
     assert [batch_size(batch) for batch in batches] == [4, 2] and batches[1]["label"].tolist() == [4, 5]
