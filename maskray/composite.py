@@ -8,8 +8,9 @@ Declared in YAML::
         - {name: mae, weight: 1.0, mask_ratio: 0.75}
         - {name: moco_v3, weight: 0.5}
 
-Each part is built around the same encoder and keeps its own heads, teachers and schedules; its keys are
-validated by its own Config (errors name ``objective.parts[i].<key>``). A step collects every part's passes and
+Each part is built around the same encoder (the composite owns it, parts hold a plain reference) and keeps its
+own heads, teachers and schedules; its keys are validated by its own Config (errors name
+``objective.parts[i].<key>``). A step collects every part's passes and
 runs each distinct (view, mask) once (:func:`maskray.passes.run_passes`), hands each part its outputs, and returns
 ``sum_i weight_i * loss_i``. The inputs are the union of the parts' views (one entry per name: parts that declare
 the same name must declare the same view). Metrics: ``<part>/loss`` (unweighted) and each part's metrics as

@@ -16,7 +16,7 @@ A view is a path into the batch: ``"image"``, ``"views.1"`` (item 1 of the list 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -71,7 +71,6 @@ class PassOutput:
     out: EncoderOutput
     mask: torch.Tensor | None = None
     indices: MaskIndices | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def select(batch: dict[str, Any], path: str) -> Any:
