@@ -16,6 +16,7 @@ from maskray.data import (
     FramePair,
     ImageTransform,
     MultiCrop,
+    RandomMask,
     Sample,
     Views,
     batch_size,
@@ -123,6 +124,20 @@ def test_block_mask_generator_follows_the_torch_seed():
     torch.manual_seed(2)  # as in a new loader worker: a new torch seed, a new generator
     second = draws(entry)
     assert second == draws(BlockMask((6, 6), 12, min_block=4)) and second != first
+
+
+def test_random_mask_masks_whole_squares_in_the_simmim_count():
+    torch.manual_seed(0)
+    entry = RandomMask((4, 6), ratio=0.6, block=2)  # 2x3 squares of 2x2 patches: ceil(6 * 0.6) = 4 masked
+    masks = [entry(None).reshape(4, 6) for _ in range(20)]
+    for mask in masks:
+        squares = mask.reshape(2, 2, 3, 2).permute(0, 2, 1, 3).reshape(6, 4)  # (square, patch in square)
+        assert mask.dtype == torch.int64 and int(mask.sum()) == 4 * 4
+        assert all(len(set(square.tolist())) == 1 for square in squares)  # a square is masked whole or not at all
+    assert len({tuple(m.flatten().tolist()) for m in masks}) > 5
+    assert RandomMask((4, 4), 0.5) == RandomMask([4, 4], 0.5) and entry.shape == (24,)
+    with pytest.raises(ValueError, match="does not tile"):
+        RandomMask((4, 6), 0.5, block=4)
 
 
 def test_views_in_forkserver_loader_workers(tmp_path):

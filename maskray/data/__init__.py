@@ -14,7 +14,7 @@ from maskray.data.writer import Sample, write_shards
 
 if TYPE_CHECKING:
     from maskray.data.transforms import ImageTransform
-    from maskray.data.views import BlockMask, FramePair, MultiCrop, Views
+    from maskray.data.views import BlockMask, FramePair, MultiCrop, RandomMask, Views
 
 # torchvision takes seconds to import (it pulls in torch._dynamo); make_shards.py never needs it
 _LAZY = {
@@ -22,6 +22,7 @@ _LAZY = {
     "BlockMask": "maskray.data.views",
     "FramePair": "maskray.data.views",
     "MultiCrop": "maskray.data.views",
+    "RandomMask": "maskray.data.views",
     "Views": "maskray.data.views",
 }
 
@@ -32,6 +33,7 @@ __all__ = [
     "FramePair",
     "ImageTransform",
     "MultiCrop",
+    "RandomMask",
     "Sample",
     "ShardSet",
     "Source",

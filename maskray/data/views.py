@@ -142,13 +142,23 @@ class FramePair:
         return torch.stack(out)
 
 
+class _LoaderGenerator:
+    """A numpy generator created on the first draw of a process, seeded from ``torch.initial_seed()`` (per loader
+    worker and rank, see :mod:`maskray.data.reader`), and re-created if that seed changes (a forked worker).
+    Subclasses are frozen dataclasses with a ``_state`` dict field (excluded from equality)."""
+
+    def _generator(self) -> np.random.Generator:
+        seed = torch.initial_seed()
+        if self._state.get("seed") != seed:
+            self._state.update(seed=seed, rng=np.random.default_rng(seed))
+        return self._state["rng"]
+
+
 @dataclass(frozen=True)
-class BlockMask:
+class BlockMask(_LoaderGenerator):
     """A BEiT block-wise mask -> (L,) int64, L = H * W of ``grid``, exactly ``num_masked`` ones (1 = masked).
 
-    See :func:`maskray.masking.block.block_mask` for the arguments. The numpy generator is created on the
-    first mask a process draws, seeded from ``torch.initial_seed()`` (per loader worker and rank, see
-    :mod:`maskray.data.reader`), and re-created if that seed changes (e.g. in a forked worker).
+    See :func:`maskray.masking.block.block_mask` for the arguments.
     """
 
     grid: tuple[int, int]
@@ -172,9 +182,34 @@ class BlockMask:
                           self.min_aspect)
         return torch.from_numpy(mask.reshape(-1))
 
-    def _generator(self) -> np.random.Generator:
-        seed = torch.initial_seed()
-        if self._state.get("seed") != seed:
-            self._state.update(seed=seed, rng=np.random.default_rng(seed))
-        return self._state["rng"]
+
+@dataclass(frozen=True)
+class RandomMask(_LoaderGenerator):
+    """SimMIM's random mask -> (L,) int64 over a patch ``grid`` (1 = masked): the grid is tiled into squares of
+    ``block`` x ``block`` patches (SimMIM: 32-pixel mask patches over 16-pixel patches, ``block=2``) and
+    ``ceil(ratio * squares)`` squares are masked, as in the SimMIM reference's ``MaskGenerator``."""
+
+    grid: tuple[int, int]
+    ratio: float
+    block: int = 1
+    _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "grid", tuple(self.grid))
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"ratio must be in [0, 1], got {self.ratio}")
+        if self.block < 1 or self.grid[0] % self.block or self.grid[1] % self.block:
+            raise ValueError(f"block {self.block} does not tile the {self.grid[0]}x{self.grid[1]} patch grid")
+
+    @property
+    def shape(self) -> Shape:
+        return (self.grid[0] * self.grid[1],)
+
+    def __call__(self, sample: DecodedSample) -> torch.Tensor:
+        rows, cols = self.grid[0] // self.block, self.grid[1] // self.block
+        count = int(np.ceil(rows * cols * self.ratio))
+        squares = np.zeros(rows * cols, dtype=np.int64)
+        squares[self._generator().permutation(rows * cols)[:count]] = 1
+        mask = squares.reshape(rows, cols).repeat(self.block, axis=0).repeat(self.block, axis=1)
+        return torch.from_numpy(mask.reshape(-1))
 
