@@ -134,6 +134,11 @@ class EvalConfig(Section):
     feature: Literal["cls", "mean"] = "mean"
     batch_size: int = Field(256, gt=0)
     random_init: bool = True
+    every: int = Field(200, ge=0, description="k-NN every N optimizer steps during training (0: only at the end)")
+
+    @property
+    def knn_enabled(self) -> bool:
+        return bool(self.train_shards and self.test_shards)
 
 
 def project_root() -> Path:

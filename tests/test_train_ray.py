@@ -64,3 +64,5 @@ def test_demo_pretraining_beats_random_init(ray_session, demo_shards, tmp_path) 
     artifacts = [a.path for a in client.list_artifacts(result.run_id)]
     assert {"loss_curve.png", "reconstructions.png"} <= set(artifacts)
     assert {"loss", "images_per_s", "data_wait_frac", "skipped_samples", "lr"} <= set(metrics)
+    # k-NN during training every eval.every (200) steps, and at the end
+    assert [m.step for m in client.get_metric_history(result.run_id, "knn_top1")] == [200, 400, 600]

@@ -6,7 +6,7 @@ teachers to the device, streams its split of the shards through the objective's 
 ``train.steps`` optimizer steps. After each optimizer step the objective's EMA teachers are updated. Every
 ``train.checkpoint_every`` steps all ranks save their training state and call ``ray.train.report`` with it. Rank
 0 logs to the MLflow run that the driver created (every objective metric averaged over ranks) and runs the k-NN
-evaluation (random init before the first step, pretrained at the end).
+evaluation (random init before the first step, every ``eval.every`` steps, and at the end).
 """
 
 from __future__ import annotations
@@ -195,6 +195,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 print(f"[rank 0] step {done}/{config.train.steps} loss {window['loss']:.4f} "
                       f"lr {lr:.2e} {window['images_per_s']:.0f} img/s", file=sys.__stdout__, flush=True)
             stats.reset()
+        if config.eval.knn_enabled and config.eval.every and done % config.eval.every == 0 and done < last_step:
+            weights = encoder_state(objective)  # collective under ZeRO-3: every rank gathers, rank 0 evaluates
+            if logger:
+                trained = encoder_from_state(config, weights).to(device)
+                logger.log_metrics(encoder_knn_metrics(trained, eval_sets, config, device), done)
         if done % config.train.checkpoint_every == 0 or done == last_step:
             weights = encoder_state(objective)
             with tempfile.TemporaryDirectory() as directory:

@@ -15,7 +15,7 @@ from maskray.models import MaskedViT
 
 def eval_shard_sets(eval_config: EvalConfig) -> tuple[ShardSet, ShardSet] | None:
     """Resolve ``eval.train_shards`` / ``eval.test_shards`` (both labelled) or None when k-NN is off."""
-    if not eval_config.train_shards or not eval_config.test_shards:
+    if not eval_config.knn_enabled:
         return None
     sets = []
     for key, spec in (("eval.train_shards", eval_config.train_shards), ("eval.test_shards", eval_config.test_shards)):
