@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from maskray.config import load_config
 from maskray.engine.sweep import default_concurrency, parse_grid, plan_trials, run_sweep
 from maskray.errors import ConfigError, DataError
-from maskray.tracking.compare import KIND_TAG, PARENT_TAG, SWEEP_TAG, compare_runs
+from maskray.tracking.compare import KIND_TAG, PARENT_TAG, SWEEP_TAG, compare_runs, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs/demo/mae.yaml")
@@ -76,6 +76,23 @@ def test_default_concurrency_fits_the_trials_workers() -> None:
     assert default_concurrency(configs, {"CPU": 1.0}) == 1  # never 0: such a trial waits for resources
     assert default_concurrency(configs, {"CPU": 16.0, "GPU": 4.0}) == 2
     assert default_concurrency([load_config(CONFIG, ["scaling.use_gpu=false"])], {"CPU": 16.0, "GPU": 4.0}) == 8
+
+
+def test_compare_shows_sweep_trials_but_not_evaluations_or_the_sweep_run(tmp_path) -> None:
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(store)
+    experiment_id = client.create_experiment("cmp")
+    plain = client.create_run(experiment_id, run_name="plain", tags={"objective": "mae"}).info.run_id
+    client.create_run(experiment_id, run_name="plain-knn", tags={PARENT_TAG: plain, "maskray.eval": "knn"})
+    sweep = client.create_run(experiment_id, run_name="s", tags={KIND_TAG: "sweep", SWEEP_TAG: "s"}).info.run_id
+    for index, ratio in enumerate(("0.5", "0.75")):
+        run_id = client.create_run(experiment_id, run_name=f"s-{index}", tags={PARENT_TAG: sweep, SWEEP_TAG: "s"})
+        client.log_param(run_id.info.run_id, "objective.mask_ratio", ratio)
+    assert sorted(row.name for row in compare_runs(store, "cmp")) == ["plain", "s-0", "s-1"]
+    rows = compare_runs(store, "cmp", parent_run_id=sweep)
+    assert sorted(row.name for row in rows) == ["s-0", "s-1"]
+    table = format_table(sorted(rows, key=lambda row: row.name), params=("objective.mask_ratio", "optim.blr"))
+    assert [line.split()[:3] for line in table.splitlines()[2:]] == [["s-0", "0.5", "-"], ["s-1", "0.75", "-"]]
 
 
 @pytest.mark.slow
