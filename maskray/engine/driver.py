@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from maskray.config import Config
 from maskray.data import resolve_shards
+from maskray.data.transforms import channel_stats
+from maskray.errors import ConfigError
 from maskray.eval.protocol import eval_shard_sets
 from maskray.tracking import find_or_create_run, finish_run, run_url_hint
 
@@ -33,7 +35,12 @@ def default_run_name(config: Config) -> str:
 
 
 def validate_inputs(config: Config) -> None:
-    """Check data before any worker starts (raises DataError with one line naming the key and path)."""
+    """Check data and normalisation before any worker starts: one line naming the key (DataError with the path;
+    ConfigError when ``data.mean`` / ``data.std`` do not give one value per ``model.in_chans`` channel)."""
+    try:
+        channel_stats(config.data.mean, config.data.std, config.model.in_chans)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     resolve_shards(config.data.shards, key="data.shards")
     eval_shard_sets(config.eval)
 
