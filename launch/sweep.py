@@ -1,7 +1,7 @@
 """Sweep a grid of config values with Ray Tune: one pretraining run per combination, compared at the end.
 
     python launch/sweep.py --config configs/demo/mae.yaml --grid objective.mask_ratio=0.6,0.75,0.9
-        [--grid objective.name=mae,simmim ...] [--set key=value ...] [--name NAME] [--experiment NAME]
+        [--grid optim.blr=1e-3,2e-3 ...] [--set key=value ...] [--name NAME] [--experiment NAME]
         [--max-concurrent N] [--sort knn_top1] [--out sweep.png]
 
 Every combination is validated before the first trial starts. Each trial is its own MLflow run (``<name>-<i>``)
