@@ -1,7 +1,7 @@
 """Write WebDataset shards + manifest.parquet from an image folder, a folder of clips, a .parquet file or 'demo'.
 
     python launch/make_shards.py demo data/digits
-    python launch/make_shards.py path/to/images data/mine --test-fraction 0.2
+    python launch/make_shards.py path/to/images data/mine --test-fraction 0.2 [--mode keep|rgb|l]
     python launch/make_shards.py path/to/clips data/clips --clips [--clip-format frames]
 """
 

@@ -12,7 +12,16 @@ import numpy as np
 import pyarrow.compute as pc
 
 from maskray.data.manifest import ShardSet, read_manifest
-from maskray.data.sources import CLIP_FORMATS, Source, clip_folder, demo, image_folder, parquet_file, split_indices
+from maskray.data.sources import (
+    CLIP_FORMATS,
+    MODES,
+    Source,
+    clip_folder,
+    demo,
+    image_folder,
+    parquet_file,
+    split_indices,
+)
 from maskray.data.writer import check_out_dir, write_shards
 from maskray.errors import DataError, MaskrayError
 
@@ -44,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="if > 0, write a random (stratified when labelled) split into OUT_DIR/train and OUT_DIR/test",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="images: keep each image's mode (default; L, LA, RGB, RGBA, 16-bit grey as PNG, a multi-page TIFF as "
+        "one band per page in bands.npy), or convert every image to rgb or l (grey)",
     )
     parser.add_argument("--image-column", default=None, help="Parquet image column (default: auto-detect)")
     parser.add_argument("--label-column", default=None, help="Parquet label column (default: 'label' if present)")
@@ -109,21 +125,24 @@ def _out_dirs(args: argparse.Namespace) -> list[Path]:
 
 def _plan(args: argparse.Namespace) -> list[tuple[Source, np.ndarray]]:
     """(source, indices in write order) for each directory of ``_out_dirs(args)``."""
+    mode = args.mode or "keep"
     if args.source == "demo":
         if args.test_fraction or args.image_column or args.label_column or args.clips:
             raise DataError("SOURCE: 'demo' has a fixed 50/50 split, no columns to choose and no clips")
-        return [(src, np.arange(src.total)) for src in (demo("train"), demo("test"))]
+        return [(src, np.arange(src.total)) for src in (demo("train", mode), demo("test", mode))]
     path = Path(args.source)
     if args.clip_format and not args.clips:
         raise DataError("--clip-format applies only with --clips")
+    if args.mode and args.clips:
+        raise DataError("--mode applies to images, not --clips (clips are stored as grey or RGB)")
     if args.clips and not path.is_dir():
         raise DataError(f"SOURCE: --clips needs a folder of clips, '{path}' is not a directory")
     if path.is_dir():
         if args.image_column or args.label_column:
             raise DataError(f"SOURCE: --image-column/--label-column apply to .parquet files, not '{path}'")
-        source = clip_folder(path, args.clip_format or "npy") if args.clips else image_folder(path)
+        source = clip_folder(path, args.clip_format or "npy") if args.clips else image_folder(path, mode)
     elif path.suffix == ".parquet":
-        source = parquet_file(path, args.image_column, args.label_column)
+        source = parquet_file(path, args.image_column, args.label_column, mode)
     elif path.exists():
         raise DataError(f"SOURCE: '{path}' is neither a directory nor a .parquet file")
     else:

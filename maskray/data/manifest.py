@@ -4,7 +4,10 @@ A directory written by :func:`maskray.data.writer.write_shards` holds ``shard-00
 ``manifest.parquet``. A sample is the tar members ``<key>.<name>`` for its member names, plus ``<key>.cls``
 (the label as ASCII digits) when labelled. Member names:
 
-* one image: its type, ``png``, ``jpg``, ``jpeg`` or ``webp``;
+* one image: its type, ``png``, ``jpg``, ``jpeg`` or ``webp`` (any mode these hold: L, LA, RGB, RGBA, 16-bit
+  grey, palette, ...);
+* one image of any number of bands (a multi-page TIFF, one band per page): ``bands.npy``, a uint8 or uint16
+  (H, W, C) ``.npy`` array;
 * several images or the frames of a clip: ``000.png``, ``001.png``, ... (one digit count, >= 3, per sample);
 * one clip as an array: ``npy``, a uint8 (T, H, W) or (T, H, W, C) ``.npy`` array.
 
@@ -33,6 +36,7 @@ SHARD_TEMPLATE = "shard-{:06d}.tar"
 SHARD_GLOB = "shard-*.tar"
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 ARRAY_MEMBER = "npy"
+BANDS_MEMBER = "bands.npy"
 
 MANIFEST_SCHEMA = pa.schema(
     [

@@ -9,7 +9,7 @@ from functools import cached_property
 import numpy as np
 from PIL import Image
 
-from maskray.data.manifest import ARRAY_MEMBER, IMAGE_EXTS
+from maskray.data.manifest import ARRAY_MEMBER, BANDS_MEMBER, IMAGE_EXTS
 
 
 @dataclass(frozen=True, eq=False)
@@ -17,9 +17,9 @@ class DecodedSample:
     """One sample of a shard: ``key``, ``label`` (-1 when unlabelled), the tar ``url`` and ``members``.
 
     ``members`` maps member names to raw bytes, without ``__key__`` / ``__url__`` / ``cls``: a single image
-    (``{"png": ...}``), several images or frames (``{"000.png": ..., "001.png": ...}``) or one array
-    (``{"npy": ...}``). Nothing is decoded until a method asks; decoding errors raise (the reader then
-    skips the sample and counts it).
+    (``{"png": ...}``), a band image (``{"bands.npy": ...}``), several images or frames (``{"000.png": ...,
+    "001.png": ...}``) or one array (``{"npy": ...}``). Nothing is decoded until a method asks; decoding errors
+    raise (the reader then skips the sample and counts it).
     """
 
     key: str
@@ -45,6 +45,13 @@ class DecodedSample:
         image = Image.open(io.BytesIO(self.members[self.image_names[index]]))
         image.load()
         return image
+
+    def image_or_bands(self) -> Image.Image | np.ndarray:
+        """A band image's uint8/uint16 (H, W, C) array (``bands.npy``), else image 0 (decoded, its mode kept)."""
+        if BANDS_MEMBER in self.members:
+            bands_shape(self.members[BANDS_MEMBER])
+            return np.load(io.BytesIO(self.members[BANDS_MEMBER]), allow_pickle=False)
+        return self.image()
 
     @property
     def num_frames(self) -> int:
@@ -72,8 +79,33 @@ class DecodedSample:
         return np.stack([np.asarray(image.convert("RGB")) for image in images])
 
 
-def clip_shape(data: bytes) -> tuple[int, ...]:
-    """The shape stored in ``.npy`` bytes (header only), checked to be a uint8 clip (T, H, W) or (T, H, W, C)."""
+def image_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """(H, W, C) uint8 or uint16 pixels of an image in its own mode (L: C = 1, LA: 2, RGB: 3, RGBA and CMYK: 4,
+    16-bit grey: uint16, C = 1; palette images as RGB, or RGBA when they have transparency; 1-bit as L) or of a
+    band array. ValueError for 32-bit and float images."""
+    if isinstance(image, Image.Image):
+        if image.mode in ("P", "PA"):
+            image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+        elif image.mode == "1":
+            image = image.convert("L")
+        elif image.mode.startswith("I;16"):
+            image = np.asarray(image).astype(np.uint16)
+        image = np.asarray(image)
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"pixels of type {image.dtype}: only 8- and 16-bit images are supported")
+    return image[..., None] if image.ndim == 2 else image
+
+
+def bands_shape(data: bytes) -> tuple[int, ...]:
+    """The shape in ``bands.npy`` bytes (header only), checked to be a uint8/uint16 (H, W, C) band image."""
+    shape, dtype = _npy_header(data, BANDS_MEMBER)
+    if dtype not in (np.uint8, np.uint16) or len(shape) != 3 or 0 in shape:
+        raise ValueError(f"{BANDS_MEMBER} member holds a {dtype} array of shape {shape}, "
+                         "expected uint8 or uint16 (H, W, C), no dimension 0")
+    return shape
+
+
+def _npy_header(data: bytes, member: str) -> tuple[tuple[int, ...], np.dtype]:
     stream = io.BytesIO(data)
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
@@ -81,7 +113,13 @@ def clip_shape(data: bytes) -> tuple[int, ...]:
     elif version == (2, 0):
         shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
     else:
-        raise ValueError(f"{ARRAY_MEMBER} member has .npy format version {version}, expected 1.0 or 2.0")
+        raise ValueError(f"{member} member has .npy format version {version}, expected 1.0 or 2.0")
+    return shape, dtype
+
+
+def clip_shape(data: bytes) -> tuple[int, ...]:
+    """The shape stored in ``.npy`` bytes (header only), checked to be a uint8 clip (T, H, W) or (T, H, W, C)."""
+    shape, dtype = _npy_header(data, ARRAY_MEMBER)
     if dtype != np.uint8 or len(shape) not in (3, 4) or 0 in shape:
         raise ValueError(f"{ARRAY_MEMBER} member holds a {dtype} array of shape {shape}, "
                          "expected uint8 (T, H, W) or (T, H, W, C), no dimension 0")

@@ -19,12 +19,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from maskray.data.manifest import BANDS_MEMBER
 from maskray.data.writer import Sample, sanitise_key
 from maskray.errors import DataError
 
-FOLDER_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FOLDER_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 CLIP_FORMATS = ("npy", "frames")
+MODES = ("keep", "rgb", "l")
 _KEPT_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}  # stored as-is; anything else becomes PNG
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")  # what PNG holds; other modes are refused
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,8 +68,9 @@ def split_indices(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tu
     return train, test
 
 
-def image_folder(path: str | Path) -> Source:
-    """Images under ``path`` (recursive; png/jpg/jpeg/webp/bmp, hidden entries ignored).
+def image_folder(path: str | Path, mode: str = "keep") -> Source:
+    """Images under ``path`` (recursive; png/jpg/jpeg/webp/bmp/tif/tiff, hidden entries ignored), stored as
+    :func:`encode_image` does for ``mode``.
 
     Images inside a top-level subfolder get that subfolder's index among the sorted subfolders as
     label (class names = subfolder names); images directly in ``path`` are unlabelled. Keys are the
@@ -84,7 +88,7 @@ def image_folder(path: str | Path) -> Source:
     keys = _unique_keys([sanitise_key(f.with_suffix("").as_posix()) for f in files], files, path)
 
     def load(i: int) -> Sample:
-        image, ext = _encoded((root / files[i]).read_bytes(), f"'{root / files[i]}'")
+        image, ext = encode_image((root / files[i]).read_bytes(), f"'{root / files[i]}'", mode)
         return Sample(key=keys[i], image=image, ext=ext, label=None if labels[i] < 0 else int(labels[i]))
 
     return Source(f"image folder {root.resolve()}", labels, class_names, load)
@@ -127,15 +131,18 @@ def clip_folder(path: str | Path, clip_format: str = "npy") -> Source:
             width = max(3, len(str(len(frames) - 1)))
             members = {}
             for t, data in enumerate(frames):
-                encoded, ext = _encoded(data, f"frame {t} of {where}")
+                encoded, ext = encode_image(data, f"frame {t} of {where}", "keep", bands=False)
                 members[f"{t:0{width}d}.{ext}"] = encoded
         return Sample(keys[i], members, None if labels[i] < 0 else int(labels[i]))
 
     return Source(f"clip folder {root.resolve()} ({clip_format})", labels, class_names, load)
 
 
-def parquet_file(path: str | Path, image_column: str | None = None, label_column: str | None = None) -> Source:
-    """Rows of a Parquet file (read into memory) as samples keyed ``row00000000``, ...
+def parquet_file(
+    path: str | Path, image_column: str | None = None, label_column: str | None = None, mode: str = "keep"
+) -> Source:
+    """Rows of a Parquet file (read into memory) as samples keyed ``row00000000``, ..., images stored as
+    :func:`encode_image` does for ``mode``.
 
     The image column defaults to the first binary column or the first struct column with a binary
     ``bytes`` field (how HuggingFace stores images); the label column defaults to ``label`` when present.
@@ -172,16 +179,17 @@ def parquet_file(path: str | Path, image_column: str | None = None, label_column
         data = images[i].as_py()
         if data is None:
             raise DataError(f"SOURCE: row {i} of '{path}' has no image in column '{image_column}'")
-        image, ext = _encoded(data, f"in row {i} of '{path}'")
+        image, ext = encode_image(data, f"in row {i} of '{path}'", mode)
         return Sample(key=f"row{i:08d}", image=image, ext=ext, label=None if labels[i] < 0 else int(labels[i]))
 
     return Source(f"parquet {file.resolve()} column {image_column}", labels, class_names, load)
 
 
-def demo(split: str) -> Source:
+def demo(split: str, mode: str = "keep") -> Source:
     """scikit-learn's digits (1,797 8x8 images, values 0..16), stratified 50/50 split (random_state=0).
 
-    Images are stored as 8-bit grayscale PNG at 8x8 (values scaled 0..16 -> 0..255); labels 0..9.
+    Images are stored as 8-bit grayscale PNG at 8x8 (values scaled 0..16 -> 0..255; RGB PNG for ``mode="rgb"``);
+    labels 0..9.
     ``split`` is ``"train"`` (898 images) or ``"test"`` (899 images).
     """
     if split not in ("train", "test"):
@@ -197,7 +205,7 @@ def demo(split: str) -> Source:
     def load(i: int) -> Sample:
         j = int(index[i])
         buffer = io.BytesIO()
-        Image.fromarray(pixels[j]).save(buffer, format="PNG")
+        Image.fromarray(pixels[j]).convert("RGB" if mode == "rgb" else "L").save(buffer, format="PNG")
         return Sample(key=f"digits_{j:04d}", image=buffer.getvalue(), ext="png", label=int(all_labels[j]))
 
     description = f"sklearn load_digits, {split} half of a stratified 50/50 split (random_state=0)"
@@ -292,15 +300,48 @@ def _huggingface_class_names(schema: pa.Schema, name: str) -> tuple[str, ...]:
     return tuple(feature.get("names", ())) if feature.get("_type") == "ClassLabel" else ()
 
 
-def _encoded(data: bytes, where: str) -> tuple[bytes, str]:
-    """(bytes, ext): PNG/JPEG/WebP bytes unchanged, any other image format re-encoded as PNG."""
+def encode_image(data: bytes, where: str, mode: str = "keep", bands: bool = True) -> tuple[bytes, str]:
+    """(bytes, member name) of one source image.
+
+    ``mode="keep"``: PNG/JPEG/WebP bytes unchanged, other single images re-encoded as PNG in their own mode
+    (1, L, LA, P, RGB, RGBA, 16-bit grey; other modes are a DataError) and a multi-page TIFF, when ``bands``, as
+    ``bands.npy``: its pages (each one band, L or 16-bit grey, all of one size and depth) as a uint8/uint16
+    (H, W, pages) array. ``"rgb"`` / ``"l"``: every image converted to RGB / L (the first page of a TIFF), kept
+    as-is only when it already is a PNG/JPEG/WebP of that mode.
+    """
+    if mode not in MODES:
+        raise DataError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
     try:
         with Image.open(io.BytesIO(data)) as image:
             ext = _KEPT_FORMATS.get(image.format)
-            if ext is not None:
+            if mode == "keep" and getattr(image, "n_frames", 1) > 1 and image.format == "TIFF":
+                if not bands:
+                    raise DataError(f"SOURCE: {where} is a multi-page TIFF; clip frames must be single images")
+                return _bands(image, where), BANDS_MEMBER
+            target = {"keep": image.mode, "rgb": "RGB", "l": "L"}[mode]
+            if ext is not None and image.mode == target:
                 return data, ext
+            if target not in _PNG_MODES:
+                raise DataError(f"SOURCE: image {where} has mode {target}, which make_shards does not keep "
+                                f"(supported: {', '.join(_PNG_MODES)}); pass --mode rgb or --mode l")
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
+            image.convert(target).save(buffer, format="PNG")
             return buffer.getvalue(), "png"
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"SOURCE: cannot decode image {where}: {exc}") from exc
+
+
+def _bands(image: Image.Image, where: str) -> bytes:
+    """``.npy`` bytes of the (H, W, pages) stack of a multi-page image's single-band pages."""
+    pages = []
+    for index in range(image.n_frames):
+        image.seek(index)
+        if image.mode not in ("L", "I;16", "I;16B"):
+            raise DataError(f"SOURCE: page {index} of {where} has mode {image.mode}; a band image's pages must "
+                            "each be one 8- or 16-bit band (L, I;16)")
+        pages.append(np.asarray(image).astype(np.uint8 if image.mode == "L" else np.uint16))
+    if len({(page.shape, page.dtype) for page in pages}) > 1:
+        raise DataError(f"SOURCE: the pages of {where} differ in size or bit depth")
+    buffer = io.BytesIO()
+    np.save(buffer, np.stack(pages, axis=-1), allow_pickle=False)
+    return buffer.getvalue()

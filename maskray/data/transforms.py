@@ -4,33 +4,43 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
-from maskray.data.sample import DecodedSample
+from maskray.data.sample import DecodedSample, image_array
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def channel_stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> tuple[tuple[float, ...], ...]:
-    """(mean, std) for ``in_chans`` channels: 3-channel statistics are averaged for greyscale (``in_chans=1``)."""
-    if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
-    if in_chans == 1 and len(mean) == 3:
+    """(mean, std) for ``in_chans`` channels: one value per channel, except that 3-channel statistics (e.g. the
+    ImageNet defaults) are averaged for greyscale (``in_chans=1``). ValueError naming ``data.mean`` /
+    ``data.std`` otherwise."""
+    if in_chans == 1 and len(mean) == len(std) == 3:
         return (sum(mean) / 3,), (sum(std) / 3,)
+    for name, values in (("data.mean", mean), ("data.std", std)):
+        if len(values) != in_chans:
+            raise ValueError(f"{name} has {len(values)} values, model.in_chans is {in_chans} (give one per channel"
+                             + (", or 3 to average" if in_chans == 1 else "") + ")")
     return tuple(mean), tuple(std)
 
 
 class ImageTransform:
-    """PIL image, or a sample's image 0 -> normalised float tensor (C, img_size, img_size), C = ``in_chans``
-    (3: RGB, 1: grey).
+    """PIL image, band array or a sample's image 0 / bands -> normalised float tensor (C, img_size, img_size),
+    C = ``in_chans``.
 
     Train: RandomResizedCrop(img_size, scale=crop_scale, bicubic) and, if ``hflip``, a random horizontal
     flip (the MAE recipe). Eval: resize the shorter side to img_size (bicubic) and center-crop, which
-    is a plain resize for square images. With ``in_chans=1`` and 3-channel ``mean``/``std`` (the
-    ImageNet defaults) the channel averages are used. Transforms with equal arguments are equal.
+    is a plain resize for square images. ``in_chans`` 1 or 3 convert an 8-bit image to grey or RGB (PIL, any
+    mode); any other input (other channel counts, 16-bit images, ``bands.npy`` arrays) keeps its own channels
+    (:func:`~maskray.data.sample.image_array`, scaled to [0, 1] by its bit depth; one channel is repeated for
+    ``in_chans=3``), must have exactly ``in_chans`` of them (else ValueError: the reader skips and counts the
+    sample) and gets the same geometry on every channel. ``mean``/``std``: see :func:`channel_stats`.
+    Transforms with equal arguments are equal.
     """
 
     def __init__(
@@ -46,7 +56,7 @@ class ImageTransform:
         self.args = (img_size, train, tuple(crop_scale), hflip, tuple(mean), tuple(std), in_chans)
         mean, std = channel_stats(mean, std, in_chans)
         self.img_size, self.in_chans = img_size, in_chans
-        self.mode = "RGB" if in_chans == 3 else "L"
+        self.mode = {1: "L", 3: "RGB"}.get(in_chans)
         bicubic = T.InterpolationMode.BICUBIC
         if train:
             geometry = [T.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=bicubic)]
@@ -54,7 +64,8 @@ class ImageTransform:
                 geometry.append(T.RandomHorizontalFlip())
         else:
             geometry = [T.Resize(img_size, interpolation=bicubic), T.CenterCrop(img_size)]
-        self.transform = T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])
+        self.geometry = T.Compose(geometry)  # PIL images and (C, H, W) tensors alike
+        self.normalize = T.Normalize(mean, std)
 
     @classmethod
     def for_training(cls, model, data) -> ImageTransform:
@@ -72,10 +83,19 @@ class ImageTransform:
         """The output shape (C, img_size, img_size)."""
         return self.in_chans, self.img_size, self.img_size
 
-    def __call__(self, image: Image.Image | DecodedSample) -> torch.Tensor:
+    def __call__(self, image: Image.Image | np.ndarray | DecodedSample) -> torch.Tensor:
         if isinstance(image, DecodedSample):
-            image = image.image()
-        return self.transform(image.convert(self.mode))
+            image = image.image_or_bands()
+        if self.mode and isinstance(image, Image.Image) and not image.mode.startswith(("I", "F")):
+            return self.normalize(F.to_tensor(self.geometry(image.convert(self.mode))))
+        pixels = image_array(image)
+        scale = 255.0 if pixels.dtype == np.uint8 else 65535.0
+        tensor = torch.from_numpy(pixels.astype(np.float32) / scale).permute(2, 0, 1)  # (C, H, W) in [0, 1]
+        if tensor.shape[0] == 1 and self.in_chans == 3:
+            tensor = tensor.expand(3, -1, -1)
+        if tensor.shape[0] != self.in_chans:
+            raise ValueError(f"image has {tensor.shape[0]} channels, model.in_chans is {self.in_chans}")
+        return self.normalize(self.geometry(tensor))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ImageTransform) and other.args == self.args

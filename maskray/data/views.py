@@ -74,7 +74,8 @@ class Views:
 
 @dataclass(frozen=True)
 class MultiCrop:
-    """Several crops of a sample's image 0, one per transform (sizes may differ) -> list of (C, S_i, S_i).
+    """Several crops of a sample's image 0 (or its bands), one per transform (sizes may differ) -> list of
+    (C, S_i, S_i).
 
     E.g. MSN's target view, random anchor views and small focal views of one image.
     """
@@ -91,7 +92,7 @@ class MultiCrop:
         return [transform.shape for transform in self.transforms]
 
     def __call__(self, sample: DecodedSample) -> list[torch.Tensor]:
-        image = sample.image()
+        image = sample.image_or_bands()
         return [transform(image) for transform in self.transforms]
 
 
@@ -116,7 +117,9 @@ class FramePair:
     def __post_init__(self):
         if self.max_gap < 1:
             raise ValueError(f"max_gap must be >= 1, got {self.max_gap}")
-        channel_stats(self.mean, self.std, self.in_chans)  # checks in_chans
+        if self.in_chans not in (1, 3):  # clips are stored as grey or RGB
+            raise ValueError(f"FramePair needs in_chans 1 or 3, got {self.in_chans}")
+        channel_stats(self.mean, self.std, self.in_chans)
         for name in ("crop_scale", "mean", "std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 

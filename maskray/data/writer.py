@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from maskray.data.manifest import (
     ARRAY_MEMBER,
+    BANDS_MEMBER,
     IMAGE_EXTS,
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
@@ -23,7 +24,7 @@ from maskray.data.manifest import (
     resolve_shards,
     write_manifest,
 )
-from maskray.data.sample import clip_shape
+from maskray.data.sample import bands_shape, clip_shape
 from maskray.errors import DataError
 
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -153,22 +154,24 @@ def _check_sample(sample: Sample, seen: set[str], num_names: int) -> None:
 
 
 def _check_members(sample: Sample) -> None:
-    """One image (``png``, ...), indexed images (``000.png``, ...: one digit count) or one ``npy`` clip."""
+    """One image (``png``, ...), one ``bands.npy`` band image, indexed images (``000.png``, ...: one digit count)
+    or one ``npy`` clip."""
     names = sorted(sample.members)
     where = f"OUT: sample '{sample.key}'"
     if not names:
         raise DataError(f"{where} has no members")
-    if names == [ARRAY_MEMBER]:
-        try:
-            clip_shape(sample.members[ARRAY_MEMBER])
-        except ValueError as exc:
-            raise DataError(f"{where}: {exc}") from exc
-        return
+    for member, check in ((ARRAY_MEMBER, clip_shape), (BANDS_MEMBER, bands_shape)):
+        if names == [member]:
+            try:
+                check(sample.members[member])
+            except ValueError as exc:
+                raise DataError(f"{where}: {exc}") from exc
+            return
     if len(names) == 1 and names[0] in IMAGE_EXTS:
         return
     matches = [_INDEXED_RE.fullmatch(name) for name in names]
     if not all(matches) or len({len(match.group(1)) for match in matches}) > 1:
         raise DataError(
-            f"{where} has members {names}: expected one of {IMAGE_EXTS}, indexed images like "
-            f"000.png, 001.png (one digit count, >= 3 digits) or a single '{ARRAY_MEMBER}'"
+            f"{where} has members {names}: expected one of {IMAGE_EXTS}, a single '{BANDS_MEMBER}', indexed images "
+            f"like 000.png, 001.png (one digit count, >= 3 digits) or a single '{ARRAY_MEMBER}'"
         )

@@ -7,6 +7,7 @@ attaches to the cluster. Nothing here imports DeepSpeed (workers do).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from maskray.config import Config
 from maskray.data import resolve_shards
+from maskray.data.transforms import channel_stats
+from maskray.errors import ConfigError
 from maskray.eval.protocol import eval_shard_sets
 from maskray.tracking import find_or_create_run, finish_run, run_url_hint
 
@@ -32,7 +35,12 @@ def default_run_name(config: Config) -> str:
 
 
 def validate_inputs(config: Config) -> None:
-    """Check data before any worker starts (raises DataError with one line naming the key and path)."""
+    """Check data and normalisation before any worker starts: one line naming the key (DataError with the path;
+    ConfigError when ``data.mean`` / ``data.std`` do not give one value per ``model.in_chans`` channel)."""
+    try:
+        channel_stats(config.data.mean, config.data.std, config.model.in_chans)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     resolve_shards(config.data.shards, key="data.shards")
     eval_shard_sets(config.eval)
 
@@ -50,8 +58,17 @@ def _scaling(config: Config, workers: int):
     return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources)
 
 
-def run_pretraining(config: Config, run_name: str | None = None, max_steps: int | None = None) -> PretrainResult:
-    """Train ``config`` on Ray. Re-using ``run_name`` resumes that run (checkpoint and MLflow run)."""
+def run_pretraining(
+    config: Config,
+    run_name: str | None = None,
+    max_steps: int | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> PretrainResult:
+    """Train ``config`` on Ray. Re-using ``run_name`` resumes that run (checkpoint and MLflow run).
+
+    ``tags`` are added to a new run's tags (a sweep's trial: its parent run and sweep name). Attaches to a
+    running Ray (a Tune trial, a cluster job) or starts a local one.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -63,7 +80,7 @@ def run_pretraining(config: Config, run_name: str | None = None, max_steps: int 
     run_name = run_name or default_run_name(config)
     tracking_uri = config.tracking.resolved_uri()
     run_id, resumed = find_or_create_run(
-        tracking_uri, config.tracking.experiment, run_name, config.flat(), config.run_tags()
+        tracking_uri, config.tracking.experiment, run_name, config.flat(), {**config.run_tags(), **(tags or {})}
     )
     storage = Path(config.tracking.storage_path)
     storage.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,13 @@
 """Side-by-side comparison of the runs of one MLflow experiment: a table, one figure, a comparison run.
 
-Only top-level training runs are compared: nested evaluation runs (tag ``mlflow.parentRunId``) and earlier
-comparison runs (tag ``maskray.kind = comparison``) are skipped. Table columns: objective, backbone and dataset
-(run tags), steps (last step of the ``loss`` history), images/s and final loss (latest ``images_per_s`` /
-``loss``), k-NN and linear-probe top-1 (latest ``knn_top1`` / ``linear_top1``), wall time (``end_time -
-start_time``; now - start for a run still running). Works with any store ``MlflowClient`` talks to (the embedded
-SQLite file or a tracking server): everything is read through the client API.
+Training runs are compared: top-level ones and the trials of a sweep (nested under the sweep's run, tag
+``maskray.sweep``); nested evaluation runs (tag ``mlflow.parentRunId``, no ``maskray.sweep``), sweep runs and
+comparison runs (tag ``maskray.kind``) are skipped. ``parent_run_id`` narrows the comparison to one sweep's trials.
+Table columns: objective, backbone and dataset (run tags), steps (last step of the ``loss`` history), images/s and
+final loss (latest ``images_per_s`` / ``loss``), k-NN and linear-probe top-1 (latest ``knn_top1`` /
+``linear_top1``), wall time (``end_time - start_time``; now - start for a run still running). Works with any store
+``MlflowClient`` talks to (the embedded SQLite file or a tracking server): everything is read through the client
+API.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from maskray.tracking.mlflow_run import RUN_NAME_TAG
 KIND_TAG = "maskray.kind"
 COMPARE_KEY_TAG = "maskray.compare_key"
 PARENT_TAG = "mlflow.parentRunId"
+SWEEP_TAG = "maskray.sweep"
 NUMERIC_COLUMNS = ("steps", "images_per_s", "final_loss", "knn_top1", "linear_top1", "wall_time_s")
 DIAGNOSTICS = (
     ("diag_attn_dist_l", "attention distance (px)"),
@@ -55,6 +58,7 @@ class RunRow:
     start_time: int
     metrics: dict[str, float] = field(default_factory=dict)
     loss_history: list[Metric] = field(default_factory=list)
+    params: dict[str, str] = field(default_factory=dict)
 
     def value(self, key: str) -> float | None:
         """A numeric column (``NUMERIC_COLUMNS``) or else the latest value of metric ``key``."""
@@ -100,6 +104,7 @@ def _row(client: MlflowClient, run: Run) -> RunRow:
         start_time=info.start_time,
         metrics=dict(metrics),
         loss_history=loss,
+        params=dict(run.data.params),
     )
 
 
@@ -109,27 +114,35 @@ def compare_runs(
     filter_string: str | None = None,
     sort_by: str = "knn_top1",
     ascending: bool = False,
+    parent_run_id: str | None = None,
 ) -> list[RunRow]:
     """Rows of the experiment's training runs matching ``filter_string`` (MLflow search syntax), sorted by
-    ``sort_by`` (a numeric column or any metric; runs without it come last)."""
+    ``sort_by`` (a numeric column or any metric; runs without it come last). With ``parent_run_id`` only the
+    trials of that sweep run."""
     client, experiment_id = open_experiment(tracking_uri, experiment)
+    query = " and ".join(filter(None, [filter_string, parent_run_id and f"tags.`{PARENT_TAG}` = '{parent_run_id}'"]))
     runs: list[Run] = []
     token = None
     try:
         while True:
-            page = client.search_runs([experiment_id], filter_string or "", max_results=1000, page_token=token)
+            page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
             runs.extend(page)
             token = page.token
             if not token:
                 break
     except MlflowException as err:
         raise ConfigError(f"--filter {filter_string!r}: {err.message.splitlines()[0]}") from None
-    rows = [_row(client, run) for run in runs if PARENT_TAG not in run.data.tags and KIND_TAG not in run.data.tags]
+    rows = [_row(client, run) for run in runs if _is_training_run(run.data.tags)]
     if rows and sort_by not in NUMERIC_COLUMNS and all(row.value(sort_by) is None for row in rows):
         raise ConfigError(f"--sort: '{sort_by}' is neither a column {NUMERIC_COLUMNS} nor a metric of these runs")
     present = sorted((row for row in rows if row.value(sort_by) is not None), key=lambda row: row.value(sort_by))
     missing = [row for row in rows if row.value(sort_by) is None]
     return (present if ascending else present[::-1]) + missing
+
+
+def _is_training_run(tags: dict[str, str]) -> bool:
+    """A top-level training run or a sweep's trial; not an evaluation, sweep or comparison run."""
+    return KIND_TAG not in tags and (PARENT_TAG not in tags or SWEEP_TAG in tags)
 
 
 def _duration(seconds: float | None) -> str:
@@ -144,14 +157,16 @@ def _number(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def format_table(rows: list[RunRow]) -> str:
-    """A plain-text table, one line per run, in the order given."""
-    header = ("run", "objective", "backbone", "dataset", "steps", "img/s", "final loss", "k-NN top-1",
+def format_table(rows: list[RunRow], params: tuple[str, ...] = ()) -> str:
+    """A plain-text table, one line per run, in the order given; ``params`` adds a column per run param (e.g.
+    a sweep's grid keys) after the run name."""
+    header = ("run", *params, "objective", "backbone", "dataset", "steps", "img/s", "final loss", "k-NN top-1",
               "linear top-1", "wall time")
     lines = [header]
     for row in rows:
         lines.append((
-            row.name, row.objective, row.backbone, row.dataset, "-" if row.steps is None else str(row.steps),
+            row.name, *(row.params.get(key, "-") for key in params), row.objective, row.backbone, row.dataset,
+            "-" if row.steps is None else str(row.steps),
             _number(row.images_per_s, 0), _number(row.final_loss, 4), _number(row.knn_top1, 2),
             _number(row.linear_top1, 2), _duration(row.wall_time_s),
         ))

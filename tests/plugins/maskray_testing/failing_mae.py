@@ -1,0 +1,22 @@
+"""``failing_mae``: MAE that raises in the training worker when ``objective.fail`` is true (validation in the
+driver passes), for the sweep test that a failing trial does not stop the others."""
+
+from __future__ import annotations
+
+from maskray.models import MaskedViT
+from maskray.objective import register_objective
+from objectives.mae import MAE, MAEParams
+
+
+class FailingMAEParams(MAEParams):
+    fail: bool = False
+
+
+@register_objective("failing_mae")
+class FailingMAE(MAE):
+    Config = FailingMAEParams
+
+    def __init__(self, encoder: MaskedViT, params: FailingMAEParams) -> None:
+        if params.fail:
+            raise RuntimeError("failing_mae: objective.fail is set")
+        super().__init__(encoder, params)
