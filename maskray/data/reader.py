@@ -241,9 +241,9 @@ class _Decode:
                 continue
             key = sample["__key__"]
             try:
-                label = int(sample["cls"]) if "cls" in sample else -1
-                members = {name: data for name, data in sample.items() if name != "cls" and not name.startswith("__")}
-                out = self.transform(DecodedSample(key=key, label=label, url=sample["__url__"], members=members))
+                decoded = _decoded(sample)
+                label = decoded.label
+                out = self.transform(decoded)
             except Exception as exc:  # warn and continue, like wds.warn_and_continue
                 shard = os.path.basename(sample["__url__"])
                 logger.warning("skipping sample '%s' in shard '%s': %s", key, shard, exc)
@@ -253,6 +253,20 @@ class _Decode:
                 raise TypeError(f"a transform must return a dict without the keys {RESERVED}, got {type(out).__name__}"
                                 + (f" with keys {sorted(out)}" if isinstance(out, dict) else ""))
             yield {**out, "label": label, "key": key}
+
+
+def _decoded(sample: dict) -> DecodedSample:
+    """A raw tar sample (``__key__``, ``__url__``, ``cls``, members) as a :class:`DecodedSample`."""
+    label = int(sample["cls"]) if "cls" in sample else -1
+    members = {name: data for name, data in sample.items() if name != "cls" and not name.startswith("__")}
+    return DecodedSample(key=sample["__key__"], label=label, url=sample["__url__"], members=members)
+
+
+def first_sample(shards: ShardSet) -> DecodedSample | None:
+    """The first sample of the first shard (None when it delivers none), e.g. for checks in the driver."""
+    for sample in _read_tars([(shards.urls[0], shards.shard_sizes[0])]):
+        return None if isinstance(sample, _Skipped) else _decoded(sample)
+    return None
 
 
 class _Batch:

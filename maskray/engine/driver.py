@@ -15,8 +15,10 @@ from mlflow.tracking import MlflowClient
 
 from maskray.config import Config
 from maskray.data import resolve_shards
+from maskray.data.reader import first_sample
+from maskray.data.sample import image_array
 from maskray.data.transforms import channel_stats
-from maskray.errors import ConfigError
+from maskray.errors import ConfigError, DataError
 from maskray.eval.protocol import eval_shard_sets
 from maskray.tracking import find_or_create_run, finish_run, run_url_hint
 
@@ -41,7 +43,14 @@ def validate_inputs(config: Config) -> None:
         channel_stats(config.data.mean, config.data.std, config.model.in_chans)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    resolve_shards(config.data.shards, key="data.shards")
+    shards = resolve_shards(config.data.shards, key="data.shards")
+    channels = config.model.in_chans
+    if channels not in (1, 3):  # 1 and 3 convert any image through PIL; other counts must match the data
+        sample = first_sample(shards)
+        found = image_array(sample.image_or_bands()).shape[-1] if sample is not None else None
+        if found != channels:
+            where = f"sample '{sample.key}' of '{sample.url}'" if sample is not None else f"'{shards.urls[0]}'"
+            raise DataError(f"data.shards: {where} has {found} channels but model.in_chans is {channels}")
     eval_shard_sets(config.eval)
 
 
