@@ -49,9 +49,8 @@ class TwoViewEMA(Objective):
         self.first_checksum: float | None = None
 
     def inputs(self, model, data):
-        from maskray.data.views import MultiCrop, Views
-
         from maskray.data.transforms import ImageTransform
+        from maskray.data.views import MultiCrop, Views
 
         crop = ImageTransform.for_training(model, data)
         return Views(views=MultiCrop([crop, crop]))
