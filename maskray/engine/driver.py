@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 
 from maskray.config import Config
 from maskray.data import resolve_shards
 from maskray.eval.protocol import eval_shard_sets
+from maskray.models import build_encoder, load_pretrained
 from maskray.tracking import find_or_create_run, finish_run, run_url_hint
 
 
@@ -35,6 +37,16 @@ def validate_inputs(config: Config) -> None:
     """Check data before any worker starts (raises DataError with one line naming the key and path)."""
     resolve_shards(config.data.shards, key="data.shards")
     eval_shard_sets(config.eval)
+
+
+def run_params(config: Config) -> dict[str, Any]:
+    """The run's MLflow params: the flattened config, plus ``model.init_from_sha256`` (the file's sha256) when
+    ``model.init_from`` is set. The file is loaded into an encoder built here first, so one that is missing,
+    unreadable or of another architecture stops the driver (ConfigError) before any worker starts."""
+    params = config.flat()
+    if config.model.init_from:
+        params["model.init_from_sha256"] = load_pretrained(build_encoder(config.model), config.model.init_from).sha256
+    return params
 
 
 def _scaling(config: Config, workers: int):
@@ -59,11 +71,12 @@ def run_pretraining(config: Config, run_name: str | None = None, max_steps: int 
     from maskray.engine.worker import train_loop_per_worker
 
     config = config.resolved()
+    params = run_params(config)
     validate_inputs(config)
     run_name = run_name or default_run_name(config)
     tracking_uri = config.tracking.resolved_uri()
     run_id, resumed = find_or_create_run(
-        tracking_uri, config.tracking.experiment, run_name, config.flat(), config.run_tags()
+        tracking_uri, config.tracking.experiment, run_name, params, config.run_tags()
     )
     storage = Path(config.tracking.storage_path)
     storage.mkdir(parents=True, exist_ok=True)
