@@ -15,8 +15,8 @@ Files are ``.safetensors`` or a pickle (``.pth``, ``.pt``, ``.bin``) loaded with
 (one holding anything but tensors and plain containers is refused); a ``model`` or ``state_dict`` entry is
 unwrapped. The file's absolute position table is always used: resampled to the encoder's grid (bicubic, CLS slot
 kept, timm's ``resample_abs_pos_embed``) when the file was trained at another image size. ``model.pos_embed``
-decides only whether it is trained on: ``sincos`` keeps it fixed (so a sin-cos file stays its exact table and a
-file with learned positions keeps those, frozen), ``learned`` trains it. Heads and the encoder's mask token are
+decides only whether it is trained on: ``sincos`` keeps it fixed (a sin-cos file at the same grid keeps its exact
+table, a file with learned positions keeps those, frozen), ``learned`` trains it. Heads and the encoder's mask token are
 not part of the file: objectives build them fresh.
 """
 
