@@ -2,9 +2,12 @@
 
     python launch/pretrain.py --config configs/demo/mae.yaml [--set key=value ...] [--run-name NAME]
         [--experiment NAME] [--max-steps N] [--workers N]
+    python launch/pretrain.py --list-objectives | --list-backbones
 
 Without a cluster a local Ray starts; under ``ray job submit`` the job attaches to the cluster. Re-running
 with the same ``--run-name`` resumes it. On success the last line printed is ``mlflow_run_id=<id>``.
+``--list-objectives`` prints every registered objective (plugins included) with its config keys, defaults and
+bounds; ``--list-backbones`` the timm archs ``model.arch`` accepts; neither starts Ray.
 """
 
 from __future__ import annotations
@@ -24,7 +27,18 @@ def main() -> int:
     parser.add_argument("--experiment", help="MLflow experiment (tracking.experiment)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke tests)")
     parser.add_argument("--workers", type=int, help="number of Ray Train workers (scaling.workers)")
+    parser.add_argument("--list-objectives", action="store_true",
+                        help="print every registered objective with its config keys, defaults and bounds, then exit")
+    parser.add_argument("--list-backbones", action="store_true",
+                        help="print the timm archs that model.arch accepts, then exit")
     args = parser.parse_args()
+    if args.list_objectives or args.list_backbones:
+        from maskray.catalog import backbones_text, objectives_text
+
+        texts = [objectives_text()] if args.list_objectives else []
+        texts += [backbones_text()] if args.list_backbones else []
+        print("\n\n".join(texts))
+        return 0
     overrides = list(args.overrides)
     if args.experiment:
         overrides.append(f"tracking.experiment={args.experiment}")

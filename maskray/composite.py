@@ -55,7 +55,10 @@ class PartConfig(BaseModel):
 
 
 class CompositeParams(ObjectiveParams):
-    parts: list[PartConfig] = Field(default_factory=lambda: [PartConfig(name="mae")], min_length=1)
+    parts: list[PartConfig] = Field(
+        default_factory=lambda: [PartConfig(name="mae")], min_length=1,
+        description="each {name: <objective>, weight: >= 0, <that objective's keys>}",
+    )
     eval_part: str | None = Field(None, description="a part whose eval_encoder() evaluation and export use")
 
     @field_validator("parts")

@@ -38,6 +38,10 @@ class ModelConfig(Section):
     rel_pos_bias: Literal["none", "shared", "per_block", "both"] = Field(
         "none", description="BEiT relative position bias (timm Beit archs only): shared by all blocks, per block, both"
     )
+    init_from: str | None = Field(
+        None, description="start the encoder from this local file: a timm state dict (.safetensors, or .pth loaded "
+        "weights-only; maskray's export is one), an MAE-reference or a Hugging Face ViTMAE checkpoint; null: random"
+    )
 
     @model_validator(mode="after")
     def _patch_divides_image(self) -> ModelConfig:
@@ -195,6 +199,7 @@ class Config(Section):
             return str((base / Path(path).expanduser()).resolve())
 
         update = self.model_copy(deep=True)
+        update.model.init_from = absolute(self.model.init_from)
         update.data.shards = absolute(self.data.shards)
         update.eval.train_shards = absolute(self.eval.train_shards)
         update.eval.test_shards = absolute(self.eval.test_shards)

@@ -22,12 +22,14 @@ Objectives live in plugin modules (``objectives/<name>.py``) and register themse
 :func:`register_objective`; the core never imports them by name. Lookup order in :func:`get_objective`: already
 registered; the core's own (``composite``); entry points in the ``maskray.objectives`` group; then the module
 ``<package>.<name>`` of each package in ``$MASKRAY_PLUGINS`` (default ``objectives``).
+:func:`load_all_objectives` imports all of them (``launch/pretrain.py --list-objectives``).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -240,6 +242,26 @@ def get_objective(name: str) -> type[Objective]:
         known = ", ".join(sorted(OBJECTIVES)) or "none loaded"
         raise KeyError(f"unknown objective {name!r} (registered: {known}; plugins: {_plugin_packages()})")
     return OBJECTIVES[name]
+
+
+def load_all_objectives() -> dict[str, type[Objective]]:
+    """Import every objective there is and return the registry, sorted by name: the core's, the entry points of
+    the ``maskray.objectives`` group, and every module of each ``$MASKRAY_PLUGINS`` package (found with
+    ``pkgutil.iter_modules``; a package that is not installed is skipped, as :func:`get_objective` does)."""
+    for module in CORE_OBJECTIVES.values():
+        importlib.import_module(module)
+    for point in entry_points(group="maskray.objectives"):
+        point.load()
+    for package in _plugin_packages():
+        try:
+            imported = importlib.import_module(package)
+        except ModuleNotFoundError as err:
+            if err.name != package:
+                raise
+            continue
+        for info in pkgutil.iter_modules(getattr(imported, "__path__", [])):
+            importlib.import_module(f"{package}.{info.name}")
+    return dict(sorted(OBJECTIVES.items()))
 
 
 def validate_objective(name: str, params: dict[str, Any], where: str = "objective") -> ObjectiveParams:

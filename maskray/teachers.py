@@ -18,7 +18,6 @@ bf16 autocast.
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from maskray.distributed import gathered
+from maskray.models.pretrained import file_sha256
 
 Momentum = Callable[[int, int], float]
 
@@ -111,14 +111,6 @@ class EMATeacher(Teacher):
                     target.copy_(source)
         self.last_momentum = m
         return m
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class FrozenTeacher(Teacher):

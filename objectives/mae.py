@@ -20,11 +20,11 @@ from maskray.passes import EncoderPass, MaskSpec, PassOutput
 
 
 class MAEParams(ObjectiveParams):
-    mask_ratio: float = Field(0.75, ge=0.0, lt=1.0)
-    norm_pix: bool = True
-    decoder_dim: int = Field(128, gt=0)
-    decoder_depth: int = Field(2, gt=0)
-    decoder_heads: int = Field(4, gt=0)
+    mask_ratio: float = Field(0.75, ge=0.0, lt=1.0, description="share of patches removed from the encoder's input")
+    norm_pix: bool = Field(True, description="targets are per-patch normalised pixels")
+    decoder_dim: int = Field(128, gt=0, description="decoder width")
+    decoder_depth: int = Field(2, gt=0, description="decoder blocks")
+    decoder_heads: int = Field(4, gt=0, description="decoder attention heads")
 
 
 @register_objective("mae")

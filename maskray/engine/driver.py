@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 
@@ -20,6 +21,7 @@ from maskray.data.sample import image_array
 from maskray.data.transforms import channel_stats
 from maskray.errors import ConfigError, DataError
 from maskray.eval.protocol import eval_shard_sets
+from maskray.models import build_encoder, load_pretrained
 from maskray.tracking import find_or_create_run, finish_run, run_url_hint
 
 
@@ -54,6 +56,16 @@ def validate_inputs(config: Config) -> None:
     eval_shard_sets(config.eval)
 
 
+def run_params(config: Config) -> dict[str, Any]:
+    """The run's MLflow params: the flattened config, plus ``model.init_from_sha256`` (the file's sha256) when
+    ``model.init_from`` is set. The file is loaded into an encoder built here first, so one that is missing,
+    unreadable or of another architecture stops the driver (ConfigError) before any worker starts."""
+    params = config.flat()
+    if config.model.init_from:
+        params["model.init_from_sha256"] = load_pretrained(build_encoder(config.model), config.model.init_from).sha256
+    return params
+
+
 def _scaling(config: Config, workers: int):
     import ray
     from ray.train import ScalingConfig
@@ -85,11 +97,12 @@ def run_pretraining(
     from maskray.engine.worker import train_loop_per_worker
 
     config = config.resolved()
+    params = run_params(config)
     validate_inputs(config)
     run_name = run_name or default_run_name(config)
     tracking_uri = config.tracking.resolved_uri()
     run_id, resumed = find_or_create_run(
-        tracking_uri, config.tracking.experiment, run_name, config.flat(), {**config.run_tags(), **(tags or {})}
+        tracking_uri, config.tracking.experiment, run_name, params, {**config.run_tags(), **(tags or {})}
     )
     storage = Path(config.tracking.storage_path)
     storage.mkdir(parents=True, exist_ok=True)

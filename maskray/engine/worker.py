@@ -1,12 +1,13 @@
 """The per-worker training loop that Ray Train runs on every worker (``train_loop_per_worker``).
 
-Each worker builds the encoder and objective (same weights on every rank: seeded with ``train.seed``), then
-seeds its own generators from (seed, rank), wraps the objective in a DeepSpeed engine, moves the objective's
-teachers to the device, streams its split of the shards through the objective's own input transform, and runs
-``train.steps`` optimizer steps. After each optimizer step the objective's EMA teachers are updated. Every
-``train.checkpoint_every`` steps all ranks save their training state and call ``ray.train.report`` with it. Rank
-0 logs to the MLflow run that the driver created (every objective metric averaged over ranks) and runs the k-NN
-evaluation (random init before the first step, every ``eval.every`` steps, and at the end).
+Each worker builds the encoder (same weights on every rank: seeded with ``train.seed``, then ``model.init_from``'s
+weights when set) and the objective, then seeds its own generators from (seed, rank), wraps the objective in a
+DeepSpeed engine, moves the objective's teachers to the device, streams its split of the shards through the
+objective's own input transform, and runs ``train.steps`` optimizer steps. After each optimizer step the objective's
+EMA teachers are updated. Every ``train.checkpoint_every`` steps all ranks save their training state and call
+``ray.train.report`` with it. Rank 0 logs to the MLflow run that the driver created (every objective metric averaged
+over ranks) and runs the k-NN evaluation: the initial encoder before the first step, logged as ``*_random_init``
+(with ``model.init_from``, the released weights), the trained one every ``eval.every`` steps and at the end.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from maskray.data import batch_size, infinite_batches, resolve_shards
 from maskray.engine.deepspeed_setup import build_engine, encoder_state, use_bf16
 from maskray.engine.training_state import load_training_state, save_training_state
 from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
-from maskray.models import build_encoder
+from maskray.models import build_encoder, load_pretrained
 from maskray.objective import Objective, build_objective
 from maskray.tracking import RunLogger
 from maskray.tracking.figures import loss_curve_figure
@@ -144,8 +145,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
+    checkpoint = ray.train.get_checkpoint()
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     encoder = build_encoder(config.model)
+    if config.model.init_from and not checkpoint:  # before the objective: its EMA teachers copy the encoder
+        load_pretrained(encoder, config.model.init_from)
     objective = build_objective(config.objective.name, config.objective.params, encoder)
     initial_weights = encoder.timm_state_dict() if rank == 0 else None
     randomness = RankRandomness(config.train.seed, rank, device)
@@ -156,7 +160,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     start = 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             start, run_id = load_training_state(engine, objective, randomness, directory, rank)

@@ -51,7 +51,7 @@ from maskray.eval.diagnostics import Diagnostics, diagnose, diagnostic_figure
 from maskray.eval.finetune import FinetuneConfig, finetune
 from maskray.eval.linear_probe import LinearProbeConfig, probe_metrics
 from maskray.eval.protocol import eval_shard_sets, knn_metrics, num_classes, split_features
-from maskray.models import MaskedViT, build_encoder
+from maskray.models import MaskedViT, build_initial_encoder
 from maskray.tracking import RunLogger, find_or_create_run
 from maskray.tracking.compare import check_store, store_exists
 from maskray.tracking.mlflow_run import RUN_NAME_TAG, find_run
@@ -186,10 +186,11 @@ def _finetune(
 
 
 def _random_init_encoder(config: Config, device: str) -> MaskedViT:
-    """The training worker's initial encoder (built after seeding with ``train.seed``)."""
+    """The training worker's initial encoder (built after seeding with ``train.seed``; ``model.init_from``'s
+    weights when set)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
-        return build_encoder(config.model).to(device)
+        return build_initial_encoder(config.model).to(device)
 
 
 def evaluate_checkpoint(

@@ -15,6 +15,7 @@ resampled to their grid (bicubic, CLS slot kept), as timm does for ``dynamic_img
 
 from __future__ import annotations
 
+import re
 from typing import Literal, NamedTuple
 
 import timm
@@ -59,6 +60,21 @@ class EncoderOutput(NamedTuple):
 def is_beit_arch(arch: str) -> bool:
     """Whether ``arch`` is a registered timm model built by ``timm.models.beit`` (``beit_*``, ``beitv2_*``)."""
     return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__ == "timm.models.beit"
+
+
+# Name parts of the timm VisionTransformer / Beit archs that MaskedViT rejects: register tokens or no class
+# position slot (reg, xp, radio, tipsv2, flexivit, deit3), no CLS token (gap, map, siglip, rpn, aimv2), a
+# distillation token, parallel blocks without one attention (18x2); timm's test models.
+_REJECTED_ARCH = re.compile(r"_reg\d|gap|_map_|siglip|_xp_|radio|tipsv2|aimv2|flexivit|deit3|distilled|_rpn_|"
+                            r"_\d+x[2-9]_|^test_")
+_ARCH_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.beit")
+
+
+def accepted_archs() -> list[str]:
+    """The timm arch names :class:`MaskedViT` wraps, decided by the entry point's module (ViT, DeiT, Beit) and
+    the name (see ``_REJECTED_ARCH``), without building them; sorted."""
+    return [name for name in timm.list_models()
+            if timm.models.model_entrypoint(name).__module__ in _ARCH_MODULES and not _REJECTED_ARCH.search(name)]
 
 
 def attention_probs(attn: nn.Module, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,6 +165,10 @@ class MaskedViT(nn.Module):
             raise ValueError(f"{arch}: maskray needs a ViT with a position slot for the CLS token")
         if self.vit.cls_token is None or not isinstance(self.vit.patch_embed.norm, nn.Identity):
             raise ValueError(f"{arch}: maskray needs a CLS token and a patch embedding without norm")
+        if self.vit.num_prefix_tokens != 1:
+            raise ValueError(f"{arch}: maskray needs the CLS token as the only prefix token")
+        if not all(hasattr(getattr(block, "attn", None), "qkv") for block in self.vit.blocks):
+            raise ValueError(f"{arch}: maskray needs blocks with one fused qkv attention (block.attn.qkv)")
         self.has_rel_pos_bias = rel_pos_bias != "none"
         self.register_parameter("mask_token", None)
         if pos_embed == "sincos":
