@@ -112,8 +112,9 @@ def test_embed_a_folder_through_the_launcher_and_refuse_to_overwrite(ray_session
 
     written = out.read_bytes()
     assert _launch("embed.py", *args) == 2
-    # the first run's progress bar (lines of the Ray worker, "(pid=...)") may still be arriving
-    (err,) = [line for line in capsys.readouterr().err.splitlines() if "(pid=" not in line]
+    # the first run's progress bar (Ray worker lines "(pid=...) ...", and blanks) may still be arriving on stderr
+    lines = capsys.readouterr().err.splitlines()
+    (err,) = [line for line in lines if line.strip() and not line.startswith(("(", "\x1b[2m\x1b[36m("))]
     assert err.startswith("error: --out:") and "--overwrite" in err and str(out) in err
     assert out.read_bytes() == written
     assert _launch("embed.py", *args, "--overwrite", "--batch-size", "7") == 0
@@ -155,6 +156,12 @@ def test_bad_inputs_are_one_line_errors(inputs, tmp_path) -> None:
     (tmp_path / "w.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ConfigError, match="--weights: cannot read"):
         resolve_encoder(weights=tmp_path / "w.safetensors")
+    weights = export_encoder(tmp_path / "vit.safetensors", checkpoint=inputs["checkpoint"],
+                             tracking_uri=inputs["absent_store"]).path
+    source = resolve_encoder(weights=weights, mean=(0.4, 0.3, 0.2), std=(0.2, 0.2, 0.2))
+    assert source.transform == ImageTransform(16, train=False, mean=(0.4, 0.3, 0.2), std=(0.2,) * 3, in_chans=3)
+    with pytest.raises(ConfigError, match="--mean/--std: give 1 or 3 values"):
+        resolve_encoder(weights=weights, mean=(0.4, 0.3), std=(0.2, 0.2))
     with pytest.raises(DataError, match="not a directory"):
         resolve_inputs(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
