@@ -5,9 +5,15 @@ from __future__ import annotations
 import torch
 
 from maskray.data import ImageTransform, ShardSet, Views, build_loader
-from maskray.models import MaskedViT
+from maskray.models import EncoderOutput, MaskedViT
 
 FEATURES = ("cls", "mean")
+
+
+def pooled_features(out: EncoderOutput) -> dict[str, torch.Tensor]:
+    """``{"cls": (B, D), "mean": (B, D)}`` float32: the CLS token after the final norm and the mean of the
+    normalised patch tokens of an unmasked encoder output."""
+    return {"cls": out.cls.float(), "mean": out.patches.float().mean(dim=1)}
 
 
 @torch.no_grad()
@@ -29,9 +35,8 @@ def extract_features(
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in FEATURES}
     labels = []
     for batch in loader:
-        out = encoder(batch["image"].to(device))
-        feats["cls"].append(out.cls.float().cpu())
-        feats["mean"].append(out.patches.float().mean(dim=1).cpu())
+        for name, values in pooled_features(encoder(batch["image"].to(device))).items():
+            feats[name].append(values.cpu())
         labels.append(batch["label"])
     encoder.train(was_training)
     return {name: torch.cat(parts) for name, parts in feats.items()}, torch.cat(labels)

@@ -27,9 +27,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from mlflow.entities import Param
@@ -61,6 +62,7 @@ OPTIONAL_EVALUATIONS = ("finetune",)
 PARENT_TAG = "mlflow.parentRunId"
 EVAL_TAG = "maskray.eval"
 SETTINGS_TAG = "maskray.eval_settings"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -288,9 +290,6 @@ def log_evaluation(target: EvalTarget, output: EvalOutput, settings: dict[str, d
 def evaluate(target: EvalTarget, settings: EvalSettings = EvalSettings()) -> dict[str, float]:
     """Validate the inputs, run :func:`evaluate_checkpoint` as a Ray task (a local Ray is started when none
     is running), log into the target run; returns the metrics logged on it."""
-    import ray
-    from ray.exceptions import RayTaskError
-
     known = EVALUATIONS + OPTIONAL_EVALUATIONS
     unknown = sorted(set(settings.kinds) - set(known))
     if unknown or not settings.kinds:
@@ -314,14 +313,23 @@ def evaluate(target: EvalTarget, settings: EvalSettings = EvalSettings()) -> dic
         else:
             diag_set = resolve_shards(config.data.shards, key="data.shards")
 
+    output = run_as_task(evaluate_checkpoint, str(target.checkpoint), config, settings, shard_sets, diag_set)
+    return log_evaluation(target, output, _settings_by_kind(config, settings, shard_sets, diag_set))
+
+
+def run_as_task(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` run as one Ray task (1 CPU, a GPU only when the cluster has one; a local Ray starts,
+    its workers' output shown here, when none is running). A :class:`MaskrayError` it raises is re-raised here."""
+    import ray
+    from ray.exceptions import RayTaskError
+
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}}, log_to_driver=True)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_checkpoint)
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(function)
     try:
-        output = ray.get(task.remote(str(target.checkpoint), config, settings, shard_sets, diag_set))
+        return ray.get(task.remote(*args))
     except RayTaskError as err:
         if isinstance(err.cause, MaskrayError):
             raise err.cause from None
         raise
-    return log_evaluation(target, output, _settings_by_kind(config, settings, shard_sets, diag_set))
