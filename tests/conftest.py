@@ -20,6 +20,17 @@ os.environ["MASKRAY_PLUGINS"] = "objectives,maskray_testing"
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))
 
 
+@pytest.fixture
+def one_thread():
+    """Small CPU ops are much faster single-threaded on a shared 2-core machine (and results reproducible)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray with 2 CPUs, shared by every test that needs one."""

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from encoding import npy_bytes, png_bytes
+from helpers import npy_bytes, png_bytes
 from PIL import Image
 
 from maskray.data import (

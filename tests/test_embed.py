@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import runpy
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import launch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -31,18 +30,6 @@ CHECKPOINT = REPO / "tests" / "fixtures" / "pre_platform" / "runs" / "pre-platfo
 IMAGES = {"cat/a.png": (16, 16, "RGB"), "cat/b.png": (20, 24, "RGB"), "cat/sub/c.png": (16, 16, "L"),
           "dog/d.png": (32, 16, "RGB"), "dog/e.jpg": (16, 16, "RGB"), "dog/f.png": (16, 16, "RGBA"),
           "top.png": (18, 18, "RGB")}
-
-
-def _launch(script: str, *args: str) -> int:
-    argv = sys.argv
-    sys.argv = [script, *args]
-    try:
-        runpy.run_path(str(REPO / "launch" / script), run_name="__main__")
-    except SystemExit as done:
-        return int(done.code or 0)
-    finally:
-        sys.argv = argv
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +88,7 @@ def test_embed_a_folder_through_the_launcher_and_refuse_to_overwrite(ray_session
     out = tmp_path / "embeddings.parquet"
     args = ["--checkpoint", str(inputs["checkpoint"]), "--tracking-uri", inputs["absent_store"],
             "--data", str(inputs["folder"]), "--out", str(out), "--batch-size", "3"]
-    assert _launch("embed.py", *args) == 0
+    assert launch("embed.py", *args) == 0
     assert "wrote 7 rows" in capsys.readouterr().out
     metadata = _check_rows(out, _expected(inputs["checkpoint"], inputs["folder"]), {name: name for name in IMAGES})
     source = json.loads(metadata[b"maskray.source"])
@@ -111,13 +98,13 @@ def test_embed_a_folder_through_the_launcher_and_refuse_to_overwrite(ray_session
     assert metadata[b"maskray.arch"] == b"vit_tiny_patch16_224"
 
     written = out.read_bytes()
-    assert _launch("embed.py", *args) == 2
+    assert launch("embed.py", *args) == 2
     # the first run's progress bar (Ray worker lines "(pid=...) ...", and blanks) may still be arriving on stderr
     lines = capsys.readouterr().err.splitlines()
     (err,) = [line for line in lines if line.strip() and not line.startswith(("(", "\x1b[2m\x1b[36m("))]
     assert err.startswith("error: --out:") and "--overwrite" in err and str(out) in err
     assert out.read_bytes() == written
-    assert _launch("embed.py", *args, "--overwrite", "--batch-size", "7") == 0
+    assert launch("embed.py", *args, "--overwrite", "--batch-size", "7") == 0
     _check_rows(out, _expected(inputs["checkpoint"], inputs["folder"]), {name: name for name in IMAGES})
     assert not list(tmp_path.glob("*.partial"))
 

@@ -6,15 +6,13 @@ import io
 import itertools
 import json
 import math
-import runpy
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from encoding import png_bytes
+from helpers import launch, png_bytes
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
@@ -38,16 +36,9 @@ from maskray.models import build_encoder
 from maskray.tracking import artifact_root_for, find_or_create_run
 from maskray.tracking.compare import KIND_TAG, compare_runs, comparison_figure, format_table
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU ops are much faster single-threaded on a shared 2-core machine (and results reproducible)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +47,6 @@ def store(tmp_path_factory) -> str:
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     MlflowClient(uri).search_experiments()
     return uri
-
-
-def _launch(script: str, *args: str) -> int:
-    """Run ``launch/<script>`` in-process as ``__main__``; returns its exit code."""
-    argv = sys.argv
-    sys.argv = [script, *args]
-    try:
-        runpy.run_path(str(REPO / "launch" / script), run_name="__main__")
-    except SystemExit as done:
-        return int(done.code or 0)
-    finally:
-        sys.argv = argv
-    return 0
 
 
 # ---------------------------------------------------------------- linear probe and k-NN, known answers
@@ -208,7 +186,7 @@ def test_compare_two_objectives(store, tmp_path, capsys) -> None:
 
     out = tmp_path / "figures" / "comparison.png"
     for _ in range(2):  # the comparison run is reused, not duplicated
-        assert _launch("compare.py", "--experiment", "compare", "--tracking-uri", store, "--out", str(out)) == 0
+        assert launch("compare.py", "--experiment", "compare", "--tracking-uri", store, "--out", str(out)) == 0
     printed = capsys.readouterr().out
     assert "msn-b" in printed and "mae-a" in printed and out.stat().st_size > 0
     comparisons = client.search_runs([experiment_id], f"tags.`{KIND_TAG}` = 'comparison'")
@@ -219,7 +197,7 @@ def test_compare_two_objectives(store, tmp_path, capsys) -> None:
 
 
 def test_compare_missing_experiment_is_a_one_line_error(store, capsys) -> None:
-    assert _launch("compare.py", "--experiment", "no-such-experiment", "--tracking-uri", store) == 2
+    assert launch("compare.py", "--experiment", "no-such-experiment", "--tracking-uri", store) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no-such-experiment" in err
     MlflowClient(store).create_experiment("filtered")
@@ -306,7 +284,7 @@ def test_evaluate_twice_updates_the_same_run(ray_session, store, tmp_path) -> No
 
     # training went on: a later checkpoint; the second evaluation goes through the launcher, same settings
     _write_checkpoint(run_dir / "checkpoint_000001", config, seed=1, step=10)
-    assert _launch("evaluate.py", "--run-id", run_id, "--tracking-uri", store, "--probe-epochs", "10",
+    assert launch("evaluate.py", "--run-id", run_id, "--tracking-uri", store, "--probe-epochs", "10",
                    "--diag-images", "12") == 0
 
     experiment_id = client.get_run(run_id).info.experiment_id

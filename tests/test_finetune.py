@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from encoding import png_bytes
+from helpers import png_bytes
 
 from maskray.config import load_config
 from maskray.data import ImageTransform, Sample, ShardSet, write_shards

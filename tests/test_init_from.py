@@ -24,17 +24,11 @@ from maskray.export import export_encoder
 from maskray.models import build_encoder, build_initial_encoder, load_pretrained, sincos_2d
 from maskray.models.pretrained import detect_format
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "tests" / "fixtures" / "pre_platform" / "runs" / "pre-platform" / "checkpoint_step2"
 ARCH = "vit_tiny_patch16_224"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(**overrides) -> ModelConfig:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-import runpy
 import shutil
-import sys
 from pathlib import Path
 
 import onnx
 import onnxruntime
 import torch
+from helpers import launch
 from mlflow.tracking import MlflowClient
 
 from maskray.checkpoint import load_encoder
@@ -22,24 +21,12 @@ FIXTURE = REPO / "tests" / "fixtures" / "pre_platform"
 TOLERANCE = 1e-4
 
 
-def _launch(script: str, *args: str) -> int:
-    argv = sys.argv
-    sys.argv = [script, *args]
-    try:
-        runpy.run_path(str(REPO / "launch" / script), run_name="__main__")
-    except SystemExit as done:
-        return int(done.code or 0)
-    finally:
-        sys.argv = argv
-    return 0
-
-
 def test_onnx_export_matches_torch_for_any_batch_and_is_logged(tmp_path, capsys) -> None:
     shutil.copytree(FIXTURE, tmp_path / "pre_platform")
     store = f"sqlite:///{tmp_path / 'pre_platform' / 'mlflow.db'}"
     checkpoint = tmp_path / "pre_platform" / "runs" / "pre-platform" / "checkpoint_step2"
     out = tmp_path / "out" / "encoder.onnx"
-    assert _launch("export.py", "--checkpoint", str(checkpoint), "--tracking-uri", store, "--format", "onnx",
+    assert launch("export.py", "--checkpoint", str(checkpoint), "--tracking-uri", store, "--format", "onnx",
                    "--out", str(out)) == 0
     printed = capsys.readouterr().out
     reported = float(re.search(r"max abs difference (\S+)", printed).group(1))

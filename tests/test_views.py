@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from encoding import npy_bytes, png_bytes
+from helpers import npy_bytes, png_bytes
 from PIL import Image
 
 from maskray.data import (

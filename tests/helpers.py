@@ -1,0 +1,41 @@
+"""Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), and running a launcher."""
+
+from __future__ import annotations
+
+import io
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """(H, W) or (H, W, C) uint8 -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    """An array as ``.npy`` bytes (``allow_pickle=True`` writes object arrays, which readers must refuse)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(script: str, *args: str) -> int:
+    """Run ``launch/<script>`` in-process as ``__main__`` with ``args``; returns its exit code."""
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(str(REPO / "launch" / script), run_name="__main__")
+    except SystemExit as done:
+        return int(done.code or 0)
+    finally:
+        sys.argv = argv
+    return 0
