@@ -31,9 +31,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """A local Ray with 2 CPUs, shared by every test that needs one."""
+    """A local Ray with 2 CPUs, shared by the tests of a module. Started once per module, not per session: after
+    a few Ray Train runs, Ray Tune sweeps and Ray tasks in one long-lived local instance, a later TorchTrainer run
+    was seen to hang after requesting its resources (Ray 2.60, 0 of 2 CPUs in use, no pending demand), so each
+    module gets a fresh instance (about 10 s each)."""
     import ray
 
     env = {key: os.environ[key] for key in ("PYTHONPATH", "MASKRAY_PLUGINS")} | {"PYTHONUNBUFFERED": "1"}
