@@ -198,13 +198,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 print(f"[rank 0] step {done}/{config.train.steps} loss {window['loss']:.4f} "
                       f"lr {lr:.2e} {window['images_per_s']:.0f} img/s", file=sys.__stdout__, flush=True)
             stats.reset()
-        if config.eval.knn_enabled and config.eval.every and done % config.eval.every == 0 and done < last_step:
-            weights = encoder_state(objective)  # collective under ZeRO-3: every rank gathers, rank 0 evaluates
-            if logger:
-                trained = encoder_from_state(config, weights).to(device)
-                logger.log_metrics(encoder_knn_metrics(trained, eval_sets, config, device), done)
-        if done % config.train.checkpoint_every == 0 or done == last_step:
+        knn_now = config.eval.knn_enabled and config.eval.every and done % config.eval.every == 0 and done < last_step
+        checkpoint_now = done % config.train.checkpoint_every == 0 or done == last_step
+        if knn_now or checkpoint_now:  # one gather serves both (a collective under ZeRO-3: every rank calls it)
             weights = encoder_state(objective)
+        if knn_now and logger:
+            trained = encoder_from_state(config, weights).to(device)
+            logger.log_metrics(encoder_knn_metrics(trained, eval_sets, config, device), done)
+        if checkpoint_now:
             with tempfile.TemporaryDirectory() as directory:
                 save_training_state(engine, objective, randomness, directory, done, run_id, rank,
                                     weights if rank == 0 else None, config)
