@@ -16,6 +16,7 @@ from maskray.data import (
     FramePair,
     ImageTransform,
     MultiCrop,
+    Photometric,
     RandomMask,
     Sample,
     Views,
@@ -83,6 +84,33 @@ def test_image_transform_takes_samples_and_has_value_equality():
     assert transform != ImageTransform(8, train=True) and transform != ImageTransform(8, False, std=(1, 1, 1))
     assert ImageTransform(8, True, crop_scale=[0.5, 1.0]) == ImageTransform(8, True, crop_scale=(0.5, 1.0))
     assert pickle.loads(pickle.dumps(transform)) == transform
+
+
+def test_photometric_augmentation():
+    pixels = torch.rand(3, 8, 8)
+    identity = Photometric(jitter=0.0, grayscale=0.0, blur=0.0, solarize=0.0)
+    assert torch.equal(identity(pixels), pixels)
+    grey = Photometric(jitter=0.0, grayscale=1.0, blur=0.0)(pixels)
+    assert grey.shape == (3, 8, 8) and torch.allclose(grey[0], grey[1]) and torch.allclose(grey[1], grey[2])
+    solarized = Photometric(jitter=0.0, grayscale=0.0, blur=0.0, solarize=1.0)(pixels)
+    assert torch.allclose(solarized, torch.where(pixels >= 0.5, 1 - pixels, pixels))
+    blurred = Photometric(jitter=0.0, grayscale=0.0, blur=1.0, blur_sigma=(1.0, 1.0))(pixels)
+    assert blurred.var() < pixels.var()  # a low-pass filter of noise
+    torch.manual_seed(0)
+    first = Photometric()(pixels)
+    torch.manual_seed(0)
+    assert torch.equal(Photometric()(pixels), first) and 0 <= first.min() and first.max() <= 1
+    one_channel = Photometric(blur=0.0)(pixels[:1])  # greyscale inputs: brightness/contrast only
+    assert one_channel.shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="grayscale"):
+        Photometric(grayscale=1.5)
+    with pytest.raises(ValueError, match="training"):
+        ImageTransform(8, train=False, photometric=Photometric())
+    transform = ImageTransform(8, train=True, photometric=Photometric(solarize=0.2))
+    assert transform == ImageTransform(8, train=True, photometric=Photometric(solarize=0.2))
+    assert transform != ImageTransform(8, train=True) and pickle.loads(pickle.dumps(transform)) == transform
+    image = transform(Image.fromarray(_random((10, 12, 3))))
+    assert image.shape == (3, 8, 8)
 
 
 def test_views_shapes_merge_and_equality():

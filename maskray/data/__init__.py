@@ -13,12 +13,13 @@ from maskray.data.sources import Source, clip_folder, demo, image_folder, parque
 from maskray.data.writer import Sample, write_shards
 
 if TYPE_CHECKING:
-    from maskray.data.transforms import ImageTransform
+    from maskray.data.transforms import ImageTransform, Photometric
     from maskray.data.views import BlockMask, FramePair, MultiCrop, RandomMask, Views
 
 # torchvision takes seconds to import (it pulls in torch._dynamo); make_shards.py never needs it
 _LAZY = {
     "ImageTransform": "maskray.data.transforms",
+    "Photometric": "maskray.data.transforms",
     "BlockMask": "maskray.data.views",
     "FramePair": "maskray.data.views",
     "MultiCrop": "maskray.data.views",
@@ -33,6 +34,7 @@ __all__ = [
     "FramePair",
     "ImageTransform",
     "MultiCrop",
+    "Photometric",
     "RandomMask",
     "Sample",
     "ShardSet",
