@@ -66,7 +66,7 @@ def benchmark(config: Path, args: argparse.Namespace, uri: str) -> dict:
         "steps": int(run.data.params.get("train.steps", 0)),
         "knn_top1": metrics.get("knn_top1"),
         "knn_top1_random_init": metrics.get("knn_top1_random_init"),
-        "linear_probe_top1": metrics.get("linear_probe_top1"),
+        "linear_probe_top1": metrics.get("linear_top1"),
         "images_per_s": statistics.median(speeds) if speeds else None,
         "wall_s": round(wall, 1),
         "loss": metrics.get("loss"),
