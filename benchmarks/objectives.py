@@ -79,6 +79,15 @@ def benchmark(config: Path, args: argparse.Namespace, uri: str) -> dict:
     return row
 
 
+def with_probe(row: dict, uri: str) -> dict:
+    """``row`` with its linear-probe top-1 read from its MLflow run when the row has none (evaluated later)."""
+    if row.get("linear_probe_top1") is None:
+        from mlflow.tracking import MlflowClient
+
+        row["linear_probe_top1"] = MlflowClient(uri).get_run(row["run_id"]).data.metrics.get("linear_top1")
+    return row
+
+
 def _cpus() -> int:
     import os
 
@@ -119,7 +128,7 @@ def main() -> int:
             row = benchmark(config, args, uri)
             print(f"{row['config']}: k-NN {row['knn_top1']} (random init {row['knn_top1_random_init']}), "
                   f"linear probe {row['linear_probe_top1']}, {row['wall_s']} s", flush=True)
-    rows = [json.loads(path.read_text()) for path in sorted(args.out.glob("*.json"))]
+    rows = [with_probe(json.loads(path.read_text()), uri) for path in sorted(args.out.glob("*.json"))]
     print(table(rows))
     if rows and not args.table_only:
         subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), "--experiment", EXPERIMENT,
