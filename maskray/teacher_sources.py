@@ -35,11 +35,11 @@ Sources (``weights`` below: a local file; nothing is downloaded):
 the size :func:`build_teacher` is given (the student's: both see the same batch). A teacher trained at another
 size has its absolute position table resampled (bicubic) to the new grid.
 
-Checks (:meth:`TeacherSpec.check`, from the objective's ``check_config``) and resolution errors (:func:`build_teacher`:
-a missing file, an unknown run id, a run without the artifact, weights that do not fit) are one line naming
-``<where>.<key>``; the driver resolves every teacher before any worker starts (:func:`teacher_run_record`) and records
-``<where>.sha256`` / ``<where>.resolved`` as params. Relative paths are relative to the project root
-(:func:`maskray.config.project_root`) and made absolute by :meth:`TeacherSpec.resolved`.
+Checks (:meth:`TeacherSpec.check`, from the objective's ``check_config``: keys that do not fit the source) and
+resolution errors (:func:`build_teacher`: a missing file, an unknown run id, a run without the artifact, weights
+that do not fit) are one line naming ``<where>.<key>``; the driver resolves every teacher before any worker starts
+(:func:`teacher_run_record`) and records ``<where>.sha256`` / ``<where>.resolved`` as params. Relative paths are
+relative to the project root (:func:`maskray.config.project_root`) and made absolute by :meth:`TeacherSpec.resolved`.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class TeacherSpec(BaseModel):
     dtype: Literal["fp32", "bf16"] = "fp32"
 
     def check(self, where: str) -> None:
-        """ConfigError naming ``<where>.<key>`` for keys that do not fit ``source`` or files that do not exist."""
+        """ConfigError naming ``<where>.<key>`` for keys that do not fit ``source`` (files are checked when the
+        teacher is built: a config may name weights that only the training machines hold)."""
         needs = {"maskray": (), "timm": ("arch", "path"), "open_clip": ("arch", "path"), "random": ("arch",)}
         unused = {"maskray": ("arch", "model_kwargs"), "timm": ("run_id",), "open_clip": ("run_id",),
                   "random": ("path", "run_id")}
@@ -109,10 +110,6 @@ class TeacherSpec(BaseModel):
                               f"directory) and run_id (an MLflow run)")
         if (self.mean is None) != (self.std is None) or (self.mean and len(self.mean) != len(self.std or ())):
             raise ConfigError(f"key '{where}.std': give mean and std together, one value per channel")
-        if self.path is not None:
-            path = self.local_path()
-            if not path.exists() or (self.source != "maskray" and not path.is_file()):
-                raise ConfigError(f"key '{where}.path': no such file '{path}'")
 
     def local_path(self) -> Path:
         """``path``, relative ones under the project root."""
@@ -214,6 +211,10 @@ def build_teacher(spec: TeacherSpec, img_size: int | None = None, where: str = "
     """The frozen teacher of ``spec`` running at ``spec.img_size`` (else ``img_size``, else its own size);
     ConfigError naming ``<where>.<key>`` when it cannot be resolved."""
     spec.check(where)
+    if spec.path is not None:
+        path = spec.local_path()
+        if not path.exists() or (spec.source != "maskray" and not path.is_file()):
+            raise ConfigError(f"key '{where}.path': no such file '{path}'")
     size = spec.img_size or img_size
     if spec.source == "maskray":
         if spec.run_id is not None:

@@ -190,10 +190,12 @@ def test_open_clip_without_the_extra_says_how_to_install_it(tmp_path, monkeypatc
 
 def test_spec_errors_name_the_key(tmp_path) -> None:
     missing = str(tmp_path / "missing.safetensors")
-    assert "no such file" in _error(lambda: TeacherSpec(source="timm", arch=ARCH, path=missing).check(KEY), "path")
+    TeacherSpec(source="timm", arch=ARCH, path=missing).check(KEY)  # files: when the teacher is built
+    assert "no such file" in _error(lambda: build_teacher(TeacherSpec(source="timm", arch=ARCH, path=missing)), "path")
     _error(lambda: TeacherSpec(source="timm", path=missing).check(KEY), "arch")
     _error(lambda: TeacherSpec(source="maskray").check(KEY), "path")
     _error(lambda: TeacherSpec(source="maskray", path=missing, run_id="abc").check(KEY), "path")
+    _error(lambda: build_teacher(TeacherSpec(source="maskray", path=missing)), "path")
     _error(lambda: TeacherSpec(source="maskray", run_id="abc", arch=ARCH).check(KEY), "arch")
     _error(lambda: TeacherSpec(source="random", arch=ARCH, path=missing).check(KEY), "path")
     _error(lambda: TeacherSpec(source="random", arch=ARCH, mean=(0.5, 0.5, 0.5)).check(KEY), "std")
