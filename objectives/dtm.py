@@ -62,7 +62,7 @@ class DTMParams(ObjectiveParams):
     teacher: TeacherSpec = Field(description="the frozen teacher whose patch features are the targets")
     mask_ratio: float = Field(75 / 196, ge=0.0, lt=1.0,
                               description="share of patches block-masked: round(ratio * L) (reference: 75 of 196)")
-    min_block: int = Field(4, gt=0, description="smallest mask block in patches (reference: 16 on 14x14)")
+    min_block: int = Field(5, gt=0, description="smallest mask block in patches (reference: 16 on 14x14)")
     levels: int = Field(2, gt=0, description="independent morphings per step, losses averaged (reference: 2)")
     max_merges: int | None = Field(None, ge=0, description="n ~ U{0..max_merges} per level; null: the patch count "
                                    "L (reference: 196 = L)")
