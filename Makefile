@@ -5,13 +5,14 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.maskray-deps-$(shell sha1sum pyproject.toml | cut -c1-12)
 DEMO_DATA := data/demo
 DEMO_CONFIG := configs/demo/mae.yaml
+DTM_TEACHER := runs/teachers/mae_demo.safetensors
 
-.PHONY: install demo demo-data demo-job test lint clean
+.PHONY: install demo demo-data demo-job demo-teacher demo-dtm test lint clean
 
 $(DEPS_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev,peers,onnx]"
+	$(PY) -m pip install -e ".[dev,peers,onnx,clip]"
 	touch $@
 
 # Dependencies once per pyproject change; the editable install is re-pointed at this checkout every time.
@@ -25,6 +26,19 @@ demo-data: install $(DEMO_DATA)/train/manifest.parquet
 
 demo: demo-data
 	$(PY) launch/pretrain.py --config $(DEMO_CONFIG)
+
+# DTM's demo teacher (configs/demo/dtm.yaml): the MAE demo's final encoder, exported. The run's id is the last
+# line pretraining prints (mlflow_run_id=...); no such line means the run failed.
+$(DTM_TEACHER):
+	mkdir -p $(dir $@)
+	$(PY) launch/pretrain.py --config $(DEMO_CONFIG) --run-name mae-demo-teacher 2>&1 | tee $(@:.safetensors=.log)
+	id=$$(sed -n 's/^mlflow_run_id=//p' $(@:.safetensors=.log) | tail -1); test -n "$$id" && \
+		$(PY) launch/export.py --run-id $$id --out $@
+
+demo-teacher: demo-data $(DTM_TEACHER)
+
+demo-dtm: demo-teacher
+	$(PY) launch/pretrain.py --config configs/demo/dtm.yaml
 
 # The same demo as a Ray job on a local cluster (`$(VENV)/bin/ray start --head` first): the job runs this venv's
 # Python and keeps data and tracking in this checkout. Ray >= 2.60 clusters use token auth by default.

@@ -2,12 +2,14 @@
 
 Each objective's demo config (``configs/demo/<name>.yaml``) runs ``STEPS`` optimizer steps with 2 workers at a
 small batch, checkpoints once and reports its final k-NN; the run must finish with finite losses logged for
-every step window. Learning at full budget is ``benchmarks/objectives.py``'s job (BENCHMARKS.md).
+every step window and its final encoder as an artifact. Learning at full budget is ``benchmarks/objectives.py``'s
+job (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from maskray.config import load_config
 from maskray.engine.driver import run_pretraining
+from maskray.weights import ARTIFACT_DIR, RUN_ARTIFACT
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -24,30 +27,62 @@ pytestmark = pytest.mark.slow
 # config file -> extra overrides it needs at test size (besides the shards, tracking and step budget)
 DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "mae.yaml": (),
+    "dtm.yaml": (),  # its teacher: TEACHER_RUNS
 }
+# config file -> the demo config whose few-step run is its frozen teacher (objective.teacher: that run's id, its
+# checkpoints deleted first: the teacher must come from the run's kept final-encoder artifact)
+TEACHER_RUNS = {"dtm.yaml": "mae.yaml"}
 
 
 def test_every_demo_config_runs_here() -> None:
     """A new demo config gets its few-step run here (configs that need an earlier run's output are listed in
-    DEMO_CONFIGS with the overrides that provide it)."""
+    DEMO_CONFIGS with the overrides that provide it, or in TEACHER_RUNS)."""
     assert sorted(p.name for p in (REPO / "configs" / "demo").glob("*.yaml")) == sorted(
         set(DEMO_CONFIGS) | {"mae_gray.yaml"})
 
 
+@pytest.fixture(scope="module")
+def demo_run(ray_session, demo_shards, tmp_path_factory):
+    """``demo_run(name)`` -> (result, config) of the few-step run of ``configs/demo/<name>``, once per module; all
+    runs share one MLflow store."""
+    root = tmp_path_factory.mktemp("demo-runs")
+    done: dict[str, tuple] = {}
+
+    def run(name: str):
+        if name in done:
+            return done[name]
+        extra: tuple[str, ...] = ()
+        if name in TEACHER_RUNS:
+            teacher, teacher_config = run(TEACHER_RUNS[name])
+            shutil.rmtree(Path(teacher_config.tracking.storage_path) / teacher.run_name)  # checkpoints rotated away
+            extra = (f"objective.teacher={{source: maskray, run_id: {teacher.run_id}}}",)
+        config = load_config(REPO / "configs" / "demo" / name, [
+            f"data.shards={demo_shards / 'train'}",
+            f"eval.train_shards={demo_shards / 'train'}",
+            f"eval.test_shards={demo_shards / 'test'}",
+            f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+            f"tracking.storage_path={root / 'runs'}",
+            f"train.steps={STEPS}", "train.log_every=1", f"train.checkpoint_every={STEPS}", "optim.warmup_steps=1",
+            "data.batch_size=8", "eval.random_init=false", "scaling.workers=2",
+            *DEMO_CONFIGS[name], *extra,
+        ])
+        done[name] = run_pretraining(config, run_name=f"few-steps-{Path(name).stem}"), config
+        return done[name]
+
+    return run
+
+
 @pytest.mark.parametrize("name", sorted(DEMO_CONFIGS))
-def test_demo_config_runs_a_few_steps(name, ray_session, demo_shards, tmp_path) -> None:
-    config = load_config(REPO / "configs" / "demo" / name, [
-        f"data.shards={demo_shards / 'train'}",
-        f"eval.train_shards={demo_shards / 'train'}",
-        f"eval.test_shards={demo_shards / 'test'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"tracking.storage_path={tmp_path / 'runs'}",
-        f"train.steps={STEPS}", "train.log_every=1", f"train.checkpoint_every={STEPS}", "optim.warmup_steps=1",
-        "data.batch_size=8", "eval.random_init=false", "scaling.workers=2",
-        *DEMO_CONFIGS[name],
-    ])
-    result = run_pretraining(config, run_name=f"few-steps-{Path(name).stem}")
-    history = MlflowClient(config.tracking.resolved_uri()).get_metric_history(result.run_id, "loss")
+def test_demo_config_runs_a_few_steps(name, demo_run) -> None:
+    result, config = demo_run(name)
+    client = MlflowClient(config.tracking.resolved_uri())
+    history = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in history] == list(range(1, STEPS + 1))
     assert all(math.isfinite(m.value) for m in history)
     assert "knn_top1" in result.metrics
+    # the final encoder, kept when the checkpoints rotate (a later run's frozen teacher)
+    assert RUN_ARTIFACT in [a.path for a in client.list_artifacts(result.run_id, ARTIFACT_DIR)]
+    if name in TEACHER_RUNS:
+        params = client.get_run(result.run_id).data.params
+        teacher = demo_run(TEACHER_RUNS[name])[0]
+        assert params["objective.teacher.run_id"] == teacher.run_id and len(params["objective.teacher.sha256"]) == 64

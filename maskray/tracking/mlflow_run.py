@@ -111,5 +111,8 @@ class RunLogger:
                 handle.write(data)
             self.client.log_artifact(self.run_id, path, artifact_path)
 
+    def log_file(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
