@@ -111,5 +111,9 @@ class RunLogger:
                 handle.write(data)
             self.client.log_artifact(self.run_id, path, artifact_path)
 
+    def log_artifacts(self, directory: str | os.PathLike) -> None:
+        """Every file under ``directory`` as the run's artifacts (same relative paths)."""
+        self.client.log_artifacts(self.run_id, str(directory))
+
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
