@@ -17,8 +17,8 @@ gradient clipping is ``optim.clip_grad: 3.0``.
 Decisions vs the reference: the aggregation head's blocks are built like the backbone's block at the same depth
 (same drop-path rate, as the reference continues the schedule; same attention and layer-scale type), then
 re-initialised as the reference does (trunc-normal 0.02, layer scale at ``model.layer_scale``, attention and MLP
-output projections divided by sqrt(2 * layer id)). The tokenizer's grid must equal the encoder's (checked when the
-objective is built).
+output projections divided by sqrt(2 * layer id)). The tokenizer's image size and grid must equal the encoder's
+(checked when the objective is built).
 """
 
 from __future__ import annotations
@@ -95,10 +95,10 @@ class BEiTv2(Objective):
         if params.num_masked > encoder.num_patches:
             raise ValueError(f"objective.num_masked {params.num_masked} exceeds the {encoder.num_patches} patches")
         tokenizer, source, sha256 = load_tokenizer(params.tokenizer)
-        grid = tuple(size // tokenizer.encoder.patch_size for size in (encoder.init_kwargs["img_size"],) * 2)
-        if grid != encoder.grid_size:
-            raise ValueError(f"objective.tokenizer gives a {grid} code grid on {encoder.init_kwargs['img_size']}-pixel "
-                             f"images, the encoder a {encoder.grid_size} patch grid")
+        size, own = tokenizer.encoder.init_kwargs["img_size"], encoder.init_kwargs["img_size"]
+        if (size, tokenizer.encoder.grid_size) != (own, encoder.grid_size):
+            raise ValueError(f"objective.tokenizer codes {size}-pixel images on a {tokenizer.encoder.grid_size} grid, "
+                             f"the encoder sees {own}-pixel images on a {encoder.grid_size} grid")
         self.tokenizer = FrozenTeacher(tokenizer, source=source, sha256=sha256)
         encoder.add_mask_token()
         self.lm_head = nn.Linear(encoder.embed_dim, tokenizer.num_codes)
