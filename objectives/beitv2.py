@@ -39,7 +39,7 @@ from maskray.models import MaskedViT
 from maskray.objective import Objective, ObjectiveOutput, ObjectiveParams, register_objective
 from maskray.passes import EncoderPass, MaskSpec, PassOutput
 from maskray.teachers import FrozenTeacher
-from objectives.vqkd import load_tokenizer
+from objectives.vqkd import TokenizerSource, load_tokenizer
 
 
 def aggregation_input(last: torch.Tensor, early: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ def reinit_block(block: nn.Module, layer_id: int, layer_scale: float | None) -> 
 
 
 class BEiTv2Params(ObjectiveParams):
-    tokenizer: str = Field(description="the VQ-KD tokenizer: its directory or runs:/<vqkd run id>/tokenizer")
+    tokenizer: TokenizerSource = Field(description="the VQ-KD tokenizer: {run_id: <vqkd run>} or {path: <dir>}")
     num_masked: int = Field(75, gt=0, description="masked patches per image (BEiT v2: 75 of 196, ~40%)")
     min_block: int = Field(16, gt=0, description="smallest block of the block-wise mask, in patches")
     min_aspect: float = Field(0.3, gt=0.0, le=1.0, description="block aspect ratios in [min_aspect, 1/min_aspect]")
@@ -86,6 +86,11 @@ class BEiTv2Params(ObjectiveParams):
 @register_objective("beitv2")
 class BEiTv2(Objective):
     Config = BEiTv2Params
+
+    @classmethod
+    def check_config(cls, config: BEiTv2Params, where: str) -> None:
+        super().check_config(config, where)
+        config.tokenizer.check(f"{where}.tokenizer")
 
     def __init__(self, encoder: MaskedViT, params: BEiTv2Params) -> None:
         super().__init__(encoder, params)

@@ -29,28 +29,31 @@ Decisions vs the reference:
   resized bilinearly to the encoder's grid.
 
 The run keeps the whole tokenizer (encoder, encode task layer, codebook, normalisation; :func:`save_tokenizer`) as
-the MLflow artifact ``tokenizer`` at the end; :func:`load_tokenizer` reads it back (from a directory or a
-``runs:/<run id>/tokenizer`` URI) as the :class:`VQKDTokenizer` that ``beitv2`` predicts.
+the MLflow artifact ``tokenizer`` at the end; :func:`load_tokenizer` reads it back (from a directory or the run id,
+:class:`TokenizerSource`) as the :class:`VQKDTokenizer` that ``beitv2`` predicts.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block
 
 from maskray.checkpoint import CONFIG_FILE as CHECKPOINT_CONFIG
 from maskray.checkpoint import latest_checkpoint, read_checkpoint_config
+from maskray.config import TrackingConfig, project_root
 from maskray.context import StepContext
 from maskray.data.transforms import channel_stats
 from maskray.distributed import all_reduce_sum, broadcast
+from maskray.errors import ConfigError
 from maskray.models import MaskedViT, sincos_2d
 from maskray.models.pretrained import file_sha256
 from maskray.objective import Objective, ObjectiveOutput, ObjectiveParams, register_objective
@@ -255,26 +258,62 @@ def save_tokenizer(directory: str | Path, tokenizer: VQKDTokenizer) -> Path:
     return directory
 
 
-def resolve_tokenizer_source(source: str, tracking_uri: str | None = None) -> Path:
-    """A tokenizer directory from ``source``: a local directory, or an MLflow URI ``runs:/<run id>/tokenizer``
-    (downloaded from ``tracking_uri``, default: ``$MLFLOW_TRACKING_URI`` or the project's ``mlflow.db``)."""
-    if source.startswith("runs:/"):
-        import mlflow.artifacts
+class TokenizerSource(BaseModel):
+    """Where a saved tokenizer is: ``path`` (a directory written by :func:`save_tokenizer`; relative paths under
+    the project root) or ``run_id`` (a ``vqkd`` run's artifact ``tokenizer`` in ``tracking_uri``, default: the
+    training run's own store)."""
 
-        from maskray.config import TrackingConfig
+    model_config = ConfigDict(extra="forbid")
 
-        uri = tracking_uri or TrackingConfig().resolved_uri()
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri))
-    path = Path(source).expanduser()
-    if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"'{source}' is no tokenizer directory (no {CONFIG_FILE})")
-    return path
+    path: str | None = Field(None, description="a tokenizer directory")
+    run_id: str | None = Field(None, description="the MLflow run of a vqkd objective")
+    tracking_uri: str | None = Field(None, description="run_id: its MLflow store; null: the training run's")
+
+    def check(self, where: str) -> None:
+        """ConfigError naming ``<where>.path`` unless exactly one of path and run_id is given."""
+        if (self.path is None) == (self.run_id is None):
+            raise ConfigError(f"key '{where}.run_id': give one of run_id (a vqkd run) and path (a tokenizer "
+                              "directory)")
+
+    def resolved(self, base: Path, tracking_uri: str) -> TokenizerSource:
+        """A copy with ``path`` absolute (relative to ``base``) and a run id's store fixed, for the workers."""
+        update: dict[str, Any] = {}
+        if self.path is not None:
+            update["path"] = str((base / Path(self.path).expanduser()).resolve())
+        if self.run_id is not None and self.tracking_uri is None:
+            update["tracking_uri"] = tracking_uri
+        return self.model_copy(update=update)
+
+    def directory(self, download_to: str | Path) -> Path:
+        """The local tokenizer directory (a run's artifact is downloaded under ``download_to``)."""
+        if self.run_id is None:
+            path = project_root() / Path(self.path or "").expanduser()
+        else:
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient
+
+            uri = self.tracking_uri or TrackingConfig().resolved_uri()
+            try:
+                path = Path(MlflowClient(uri).download_artifacts(self.run_id, ARTIFACT, str(download_to)))
+            except (MlflowException, OSError):
+                raise ConfigError(f"run '{self.run_id}' in {uri} has no artifact '{ARTIFACT}' (a vqkd run logs "
+                                  "it when it finishes)") from None
+        if not (path / CONFIG_FILE).is_file():
+            raise ConfigError(f"'{path}' is no tokenizer directory (no {CONFIG_FILE})")
+        return path
 
 
-def load_tokenizer(source: str, tracking_uri: str | None = None) -> tuple[VQKDTokenizer, str, str]:
-    """Read a tokenizer saved by :func:`save_tokenizer` -> (tokenizer in eval mode, resolved directory, sha256
-    of its weights)."""
-    directory = resolve_tokenizer_source(source, tracking_uri)
+def load_tokenizer(source: TokenizerSource) -> tuple[VQKDTokenizer, str, str]:
+    """Read a tokenizer saved by :func:`save_tokenizer` -> (tokenizer in eval mode, where it came from, sha256 of
+    its weights)."""
+    with tempfile.TemporaryDirectory() as download:
+        directory = source.directory(download)
+        tokenizer, sha256 = _read_tokenizer(directory)
+    origin = f"vqkd run {source.run_id} ({source.tracking_uri})" if source.run_id else str(directory.resolve())
+    return tokenizer, origin, sha256
+
+
+def _read_tokenizer(directory: Path) -> tuple[VQKDTokenizer, str]:
     config = json.loads((directory / CONFIG_FILE).read_text())
     weights = load_file(str(directory / WEIGHTS_FILE))
     encoder = MaskedViT(**config["encoder"])
@@ -286,7 +325,7 @@ def load_tokenizer(source: str, tracking_uri: str | None = None) -> tuple[VQKDTo
     quantizer.codebook.copy_(weights["codebook"])
     quantizer.initialised.fill_(True)
     tokenizer = VQKDTokenizer(encoder, encode_task, quantizer, config["mean"], config["std"]).eval()
-    return tokenizer, str(directory.resolve()), file_sha256(directory / WEIGHTS_FILE)
+    return tokenizer, file_sha256(directory / WEIGHTS_FILE)
 
 
 # -- the teacher ---------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def tokenizer(tmp_path_factory):
 
 def beitv2(tokenizer, *overrides: str):
     config = load_config(None, ["model.img_size=16", "model.depth=2", "model.layer_scale=0.1",
-                                "objective.name=beitv2", f"objective.tokenizer={tokenizer}",
+                                "objective.name=beitv2", f"objective.tokenizer.path={tokenizer}",
                                 "objective.num_masked=6", "objective.min_block=2", "objective.early_layers=1",
                                 *overrides])
     torch.manual_seed(0)

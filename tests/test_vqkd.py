@@ -11,6 +11,7 @@ from helpers import demo_digits, tiny_vqkd
 from maskray.context import StepContext
 from objectives.vqkd import (
     NormEMAQuantizer,
+    TokenizerSource,
     codebook_perplexity,
     cosine_kmeans,
     ema_codebook,
@@ -149,7 +150,7 @@ def test_tokenizer_artifact_round_trip(tmp_path, one_thread) -> None:
     with pytest.raises(ValueError, match="never initialised"):
         save_tokenizer(tmp_path / "fresh", tiny_vqkd().tokenizer((0.5,) * 3, (0.5,) * 3))
     save_tokenizer(tmp_path / "tok", objective.tokenizer((0.5,) * 3, (0.5,) * 3))
-    loaded, source, sha256 = load_tokenizer(str(tmp_path / "tok"))
+    loaded, source, sha256 = load_tokenizer(TokenizerSource(path=str(tmp_path / "tok")))
     objective.eval()
     with torch.no_grad():
         expected = objective.tokenizer((0.5,) * 3, (0.5,) * 3)(images)
@@ -157,3 +158,16 @@ def test_tokenizer_artifact_round_trip(tmp_path, one_thread) -> None:
     assert expected.shape == (32, 16) and source == str((tmp_path / "tok").resolve()) and len(sha256) == 64
     assert torch.equal(loaded.quantizer.codebook, objective.quantizer.codebook)
     assert codebook_perplexity(torch.bincount(expected.flatten(), minlength=16)) > 1
+
+
+def test_tokenizer_source_needs_one_place(tmp_path) -> None:
+    from maskray.errors import ConfigError
+
+    for source in (TokenizerSource(), TokenizerSource(path="a", run_id="b")):
+        with pytest.raises(ConfigError, match="objective.tokenizer.run_id"):
+            source.check("objective.tokenizer")
+    with pytest.raises(ConfigError, match="no tokenizer directory"):
+        load_tokenizer(TokenizerSource(path=str(tmp_path)))
+    resolved = TokenizerSource(path="tok").resolved(tmp_path, "sqlite:///x.db")
+    assert resolved.path == str(tmp_path / "tok") and resolved.tracking_uri is None
+    assert TokenizerSource(run_id="r").resolved(tmp_path, "sqlite:///x.db").tracking_uri == "sqlite:///x.db"
