@@ -22,6 +22,8 @@ def steps(epochs: float, batch: int) -> int:
 # file: (global batch, learning rate, optimizer steps, warm-up steps, objective name) from the paper
 PAPER = {
     "mae.yaml": (4096, 1.5e-4 * 4096 / 256, steps(1600, 4096), steps(40, 4096), "mae"),
+    "vqkd.yaml": (512, 5e-5 * 512 / 128, steps(100, 512), steps(10, 512), "vqkd"),
+    "beitv2.yaml": (2048, 1.5e-3, steps(1600, 2048), steps(10, 2048), "beitv2"),
 }
 
 
