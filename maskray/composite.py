@@ -20,6 +20,7 @@ the same name must declare the same view). Metrics: ``<part>/loss`` (unweighted)
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,10 +36,13 @@ from maskray.objective import (
     ObjectiveParams,
     ParamGroupSpec,
     get_objective,
+    objective_teacher_specs,
     register_objective,
+    resolved_objective_params,
     validate_objective,
 )
 from maskray.passes import EncoderPass, PassOutput
+from maskray.teacher_sources import TeacherSpec
 
 
 class PartConfig(BaseModel):
@@ -68,6 +72,12 @@ class CompositeParams(ObjectiveParams):
             raise ValueError("a composite part cannot itself be a composite")
         return parts
 
+    def resolved(self, base: Path, tracking_uri: str) -> CompositeParams:
+        parts = [PartConfig(name=part.name, weight=part.weight,
+                            **resolved_objective_params(part.name, part.params, base, tracking_uri))
+                 for part in self.parts]
+        return self.model_copy(update={"parts": parts})
+
 
 def part_names(parts: list[PartConfig]) -> list[str]:
     """``mae``, ``moco_v3``; a repeated name is numbered from its second use (``mae``, ``mae_1``)."""
@@ -94,6 +104,11 @@ class Composite(Objective):
         for part in self.parts.values():  # the composite owns the shared encoder; parts keep a plain reference,
             del part._modules["encoder"]  # so it appears once in the module tree (DeepSpeed hooks, state dict)
             object.__setattr__(part, "encoder", encoder)
+
+    @classmethod
+    def teacher_specs(cls, config: CompositeParams, where: str) -> dict[str, TeacherSpec]:
+        return {key: spec for index, part in enumerate(config.parts)
+                for key, spec in objective_teacher_specs(part.name, part.params, f"{where}.parts[{index}]").items()}
 
     @classmethod
     def check_config(cls, config: CompositeParams, where: str) -> None:

@@ -189,8 +189,9 @@ class Config(Section):
         return self.optim.lr if self.optim.lr is not None else self.optim.blr * self.global_batch() / 256
 
     def resolved(self, base: Path | None = None) -> Config:
-        """A copy in which local paths are absolute (workers run in other directories) and the tracking
-        URI is fixed, so every process of the run sees the same data, storage and MLflow store."""
+        """A copy in which local paths are absolute (workers run in other directories; the objective's teacher
+        paths too) and the tracking URI is fixed, so every process of the run sees the same data, storage and
+        MLflow store."""
         base = base or project_root()
 
         def absolute(path: str | None) -> str | None:
@@ -205,6 +206,10 @@ class Config(Section):
         update.eval.test_shards = absolute(self.eval.test_shards)
         update.tracking.storage_path = absolute(self.tracking.storage_path)
         update.tracking.uri = self.tracking.resolved_uri()
+        from maskray.objective import resolved_objective_params  # objective.py imports this module
+
+        params = resolved_objective_params(self.objective.name, self.objective.params, base, update.tracking.uri)
+        update.objective = ObjectiveConfig(name=self.objective.name, **params)
         return update
 
     def run_tags(self) -> dict[str, str]:

@@ -36,7 +36,7 @@ from maskray.checkpoint import load_encoder
 from maskray.errors import ConfigError
 from maskray.eval.runner import EvalTarget, resolve_target
 from maskray.models import MaskedViT
-from maskray.weights import weights_metadata
+from maskray.weights import ARTIFACT_DIR, weights_metadata
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,12 @@ def export_encoder(
 ) -> ExportResult:
     """Write the encoder of ``checkpoint`` (or of the latest checkpoint of ``run_id``) to ``out_path``."""
     target = resolve_target(tracking_uri, run_id, checkpoint, create_run=False)
-    encoder, _ = load_encoder(target.checkpoint)
+    encoder, config = load_encoder(target.checkpoint)
     out = Path(out_path).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = {key: value.contiguous() for key, value in encoder.timm_state_dict().items()}
-    save_file(weights, str(out), metadata=weights_metadata(encoder, target.checkpoint, target.step))
+    metadata = weights_metadata(encoder, target.checkpoint, target.step, config.data.mean, config.data.std)
+    save_file(weights, str(out), metadata=metadata)
     result = ExportResult(out, target.checkpoint, encoder.arch, dict(encoder.timm_kwargs), target.run_id)
     description = {"arch": result.arch, "timm_kwargs": result.timm_kwargs,
                    "create_model": result.create_model_call("encoder.safetensors")}
@@ -151,4 +152,4 @@ def _log_to_run(target: EvalTarget, files: dict[str, Path | str]) -> None:
                 shutil.copyfile(content, Path(tmp, name))
             else:
                 Path(tmp, name).write_text(content)
-        MlflowClient(target.tracking_uri).log_artifacts(target.run_id, tmp, "encoder")
+        MlflowClient(target.tracking_uri).log_artifacts(target.run_id, tmp, ARTIFACT_DIR)

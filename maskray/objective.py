@@ -11,7 +11,11 @@ needs it declares, and the core provides:
   objectives shares the backbone pass;
 - **teachers** (:mod:`maskray.teachers`): ``EMATeacher`` / ``FrozenTeacher`` attributes are found by
   :meth:`Objective.teachers`, moved to the device, kept out of the optimizer and out of the DeepSpeed module;
-  EMA teachers are updated after every optimizer step and saved with the checkpoint;
+  EMA teachers are updated after every optimizer step and saved with the checkpoint. A frozen teacher from a
+  file or an earlier run is a :class:`~maskray.teacher_sources.TeacherSpec` field of the objective's Config
+  (built with :func:`~maskray.teacher_sources.build_teacher`): :meth:`Objective.teacher_specs` finds it, the
+  driver resolves and records it before any worker starts, :meth:`ObjectiveParams.resolved` makes its paths
+  absolute;
 - **artifacts** (:meth:`Objective.export_artifacts`): files the run keeps in MLflow besides checkpoints;
 - **state**: :meth:`Objective.extra_state` (queues, counters; identical on every rank) is checkpointed; each
   rank's generators are seeded from (seed, rank) and checkpointed by the core (:mod:`maskray.context`);
@@ -35,6 +39,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
@@ -47,6 +52,7 @@ from maskray.context import StepContext
 from maskray.errors import ConfigError
 from maskray.models import MaskedViT
 from maskray.passes import EncoderPass, PassOutput, run_passes
+from maskray.teacher_sources import TeacherSpec
 from maskray.teachers import EMATeacher, Teacher
 
 if TYPE_CHECKING:
@@ -60,6 +66,13 @@ class ObjectiveParams(BaseModel):
     """Base of every objective's own config section (``objective.*`` keys besides ``name``)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    def resolved(self, base: Path, tracking_uri: str) -> ObjectiveParams:
+        """A copy whose teacher specs have absolute paths (relative to ``base``) and a fixed MLflow store
+        (:meth:`TeacherSpec.resolved`), for workers that run elsewhere."""
+        return self.model_copy(update={
+            name: value.resolved(base, tracking_uri) for name, value in self if isinstance(value, TeacherSpec)
+        })
 
 
 class ObjectiveOutput(NamedTuple):
@@ -104,7 +117,15 @@ class Objective(nn.Module, ABC):
     @classmethod
     def check_config(cls, config: ObjectiveParams, where: str) -> None:
         """Checks beyond :attr:`Config` (a composite validates its parts here); raise ConfigError naming the key
-        under ``where``. Default: none."""
+        under ``where``. Default: every teacher spec's :meth:`~maskray.teacher_sources.TeacherSpec.check`."""
+        for key, spec in cls.teacher_specs(config, where).items():
+            spec.check(key)
+
+    @classmethod
+    def teacher_specs(cls, config: ObjectiveParams, where: str) -> dict[str, TeacherSpec]:
+        """The frozen teachers this config names, by config key (``objective.teacher``). Default: every
+        :class:`~maskray.teacher_sources.TeacherSpec` field."""
+        return {f"{where}.{name}": value for name, value in config if isinstance(value, TeacherSpec)}
 
     # -- inputs and the step ---------------------------------------------------------------------------------------
     def inputs(self, model: ModelConfig, data: DataConfig) -> Views:
@@ -284,6 +305,17 @@ def validate_objective(name: str, params: dict[str, Any], where: str = "objectiv
         raise ConfigError(describe_validation_error(err, where)) from None
     cls.check_config(config, where)
     return config
+
+
+def resolved_objective_params(name: str, params: dict[str, Any], base: Path, tracking_uri: str) -> dict[str, Any]:
+    """The raw ``objective`` keys of ``name`` with its teachers' paths absolute and MLflow store fixed
+    (:meth:`ObjectiveParams.resolved`); the keys that were not given stay absent."""
+    return validate_objective(name, params).resolved(base, tracking_uri).model_dump(mode="json", exclude_unset=True)
+
+
+def objective_teacher_specs(name: str, params: dict[str, Any], where: str = "objective") -> dict[str, TeacherSpec]:
+    """Every frozen teacher spec of objective ``name`` (composite parts included), by config key."""
+    return get_objective(name).teacher_specs(validate_objective(name, params, where), where)
 
 
 def build_objective(name: str, params: dict[str, Any], encoder: MaskedViT) -> Objective:

@@ -8,8 +8,9 @@ training state saves what must be saved:
   step (never per micro-batch) with a momentum schedule ``m(step, total_steps)``; optionally floating buffers too
   (LUT averages BatchNorm statistics). Under ZeRO-3 the partitioned student is gathered for the update. Saved in
   every checkpoint (``objective_state.pt``).
-- :class:`FrozenTeacher`: a fixed network (built from a file or an earlier run), in eval mode, in the precision it
-  asks for; rebuilt from its source on resume, never saved. Its ``source`` and weights' ``sha256`` are recorded.
+- :class:`FrozenTeacher`: a fixed network (built from a file or an earlier run, :mod:`maskray.teacher_sources`), in
+  eval mode, in the precision it asks for; rebuilt from its source on resume, never saved. Its ``source`` and
+  weights' ``sha256`` are recorded; ``mean`` / ``std`` are the input normalisation it expects.
 
 Calling a teacher runs its module under ``no_grad`` in eval mode; with bf16 inputs an fp32 teacher computes under
 bf16 autocast.
@@ -114,19 +115,31 @@ class EMATeacher(Teacher):
 
 
 class FrozenTeacher(Teacher):
-    """A fixed network. ``source`` says where it came from (a path or run id), ``sha256`` its weights' hash."""
+    """A fixed network. ``source`` says where it came from (a path or run id), ``sha256`` its weights' hash,
+    ``mean`` / ``std`` the per-channel normalisation of its inputs (None: not known)."""
 
     def __init__(
-        self, module: nn.Module, dtype: torch.dtype = torch.float32, source: str = "", sha256: str = ""
+        self,
+        module: nn.Module,
+        dtype: torch.dtype = torch.float32,
+        source: str = "",
+        sha256: str = "",
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__(module, dtype)
         self.source, self.sha256 = source, sha256
+        self.mean, self.std = mean, std
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> FrozenTeacher:
-        """The encoder of a maskray checkpoint directory (``encoder.safetensors`` + ``model.json``)."""
+        """The encoder of a maskray checkpoint directory (``encoder.safetensors`` + ``model.json``), normalised as
+        its run's data."""
         from maskray.checkpoint import ENCODER_FILE, load_encoder
+        from maskray.data.transforms import channel_stats
 
-        encoder, _ = load_encoder(directory)
+        encoder, config = load_encoder(directory)
         path = Path(directory)
-        return cls(encoder, dtype, source=str(path.resolve()), sha256=file_sha256(path / ENCODER_FILE))
+        mean, std = channel_stats(config.data.mean, config.data.std, config.model.in_chans)
+        return cls(encoder, dtype, source=str(path.resolve()), sha256=file_sha256(path / ENCODER_FILE), mean=mean,
+                   std=std)

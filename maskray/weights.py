@@ -1,17 +1,19 @@
 """The exported weights file (``launch/export.py``): a timm state dict as safetensors plus what rebuilds it.
 
 Metadata (strings, as safetensors requires): ``arch``, ``timm_kwargs`` (JSON: the ``timm.create_model``
-overrides), ``init_kwargs`` (JSON: :attr:`MaskedViT.init_kwargs`, written since ``launch/embed.py``), and the
-``checkpoint`` and ``step`` it came from. Files without ``init_kwargs`` (older exports) are rebuilt from
-``timm_kwargs``: every option that changes the state dict's keys or shapes is recoverable from it; the absolute
-position embedding's kind (``sincos`` or ``learned``) is not, which does not matter because its values are
-loaded from the file.
+overrides), ``init_kwargs`` (JSON: :attr:`MaskedViT.init_kwargs`, written since ``launch/embed.py``), the
+``checkpoint`` and ``step`` it came from, and the run's input normalisation ``mean`` / ``std`` (JSON lists,
+written since the frozen-teacher registry, :mod:`maskray.teacher_sources`). Files without ``init_kwargs`` (older
+exports) are rebuilt from ``timm_kwargs``: every option that changes the state dict's keys or shapes is
+recoverable from it; the absolute position embedding's kind (``sincos`` or ``learned``) is not, which does not
+matter because its values are loaded from the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,15 @@ from safetensors.torch import load_file
 from maskray.errors import ConfigError
 from maskray.models import MaskedViT
 
+ARTIFACT_DIR = "encoder"  # a run's MLflow artifacts of its encoder: encoder.safetensors (this format), timm.json
+RUN_ARTIFACT = f"{ARTIFACT_DIR}/encoder.safetensors"  # logged when a run finishes; launch/export.py rewrites it
 
-def weights_metadata(encoder: MaskedViT, checkpoint: str | os.PathLike, step: int) -> dict[str, str]:
-    """The safetensors metadata of an export of ``encoder`` from ``checkpoint`` at ``step``."""
+
+def weights_metadata(
+    encoder: MaskedViT, checkpoint: str | os.PathLike, step: int, mean: Sequence[float], std: Sequence[float]
+) -> dict[str, str]:
+    """The safetensors metadata of an export of ``encoder`` from ``checkpoint`` at ``step``, trained on inputs
+    normalised with ``mean`` / ``std`` (its run's ``data.mean`` / ``data.std``)."""
     return {
         "format": "pt",
         "arch": encoder.arch,
@@ -31,6 +39,8 @@ def weights_metadata(encoder: MaskedViT, checkpoint: str | os.PathLike, step: in
         "init_kwargs": json.dumps(encoder.init_kwargs),
         "checkpoint": str(checkpoint),
         "step": str(step),
+        "mean": json.dumps(list(mean)),
+        "std": json.dumps(list(std)),
     }
 
 
@@ -53,19 +63,19 @@ def init_kwargs_from_timm(arch: str, timm_kwargs: dict[str, Any]) -> dict[str, A
     )
 
 
-def read_weights_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of an exported weights file (ConfigError naming ``--weights`` when it is not one)."""
+def read_weights_metadata(path: str | os.PathLike, key: str = "--weights") -> dict[str, str]:
+    """The metadata of an exported weights file (ConfigError naming ``key`` when it is not one)."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"--weights: '{file}' does not exist")
+        raise ConfigError(f"{key}: '{file}' does not exist")
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as exc:
-        raise ConfigError(f"--weights: cannot read '{file}' as safetensors: {exc}") from None
-    missing = [key for key in ("arch", "timm_kwargs") if key not in metadata]
+        raise ConfigError(f"{key}: cannot read '{file}' as safetensors: {exc}") from None
+    missing = [name for name in ("arch", "timm_kwargs") if name not in metadata]
     if missing:
-        raise ConfigError(f"--weights: '{file}' has no {', '.join(missing)} in its metadata (not a maskray export)")
+        raise ConfigError(f"{key}: '{file}' has no {', '.join(missing)} in its metadata (not a maskray export)")
     return metadata
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,6 +82,10 @@ class BEiTv2Params(ObjectiveParams):
     min_aspect: float = Field(0.3, gt=0.0, le=1.0, description="block aspect ratios in [min_aspect, 1/min_aspect]")
     early_layers: int = Field(9, gt=0, description="the aggregation head reads the patch tokens of this block (from 1)")
     head_layers: int = Field(2, gt=0, description="blocks of the patch-aggregation head")
+
+    def resolved(self, base: Path, tracking_uri: str) -> BEiTv2Params:
+        """The tokenizer's path absolute and its run's store fixed, for the workers."""
+        return self.model_copy(update={"tokenizer": self.tokenizer.resolved(base, tracking_uri)})
 
 
 @register_objective("beitv2")

@@ -47,17 +47,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block
 
-from maskray.checkpoint import CONFIG_FILE as CHECKPOINT_CONFIG
-from maskray.checkpoint import latest_checkpoint, read_checkpoint_config
 from maskray.config import TrackingConfig, project_root
 from maskray.context import StepContext
-from maskray.data.transforms import channel_stats
 from maskray.distributed import all_reduce_sum, broadcast
 from maskray.errors import ConfigError
 from maskray.models import MaskedViT, sincos_2d
 from maskray.models.pretrained import file_sha256
 from maskray.objective import Objective, ObjectiveOutput, ObjectiveParams, register_objective
 from maskray.passes import EncoderPass, PassOutput
+from maskray.teacher_sources import TeacherSpec, build_teacher, renormalize
 from maskray.teachers import FrozenTeacher
 
 ARTIFACT = "tokenizer"
@@ -329,35 +327,15 @@ def _read_tokenizer(directory: Path) -> tuple[VQKDTokenizer, str]:
 
 
 # -- the teacher ---------------------------------------------------------------------------------------------------
-def feature_teacher(source: str, like: MaskedViT) -> tuple[FrozenTeacher, tuple[float, ...], tuple[float, ...]]:
-    """The frozen teacher and its normalisation (mean, std): a maskray checkpoint or run directory (its latest
-    checkpoint; the statistics of its config's ``data``), or ``random`` (tests): a random 2-block ViT of the
-    student's geometry, seeded 0, statistics 0.5."""
-    if source == "random":
-        generator_state = torch.get_rng_state()
-        torch.manual_seed(0)
-        module = MaskedViT(like.arch, like.init_kwargs["img_size"], like.patch_size, like.in_chans, depth=2)
-        torch.set_rng_state(generator_state)
-        half = (0.5,) * like.in_chans
-        return FrozenTeacher(module, source="random"), half, half
-    path = Path(source)
-    if not (path / CHECKPOINT_CONFIG).is_file():
-        path = latest_checkpoint(path)
-    teacher = FrozenTeacher.from_checkpoint(path)
-    data = read_checkpoint_config(path).data
-    mean, std = channel_stats(data.mean, data.std, teacher.module.in_chans)
-    return teacher, mean, std
-
-
-def teacher_patches(teacher: FrozenTeacher, pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-                    grid: tuple[int, int]) -> torch.Tensor:
-    """The teacher's patch features (B, gh*gw, Dt) of pixels (B, C, H, W) in [0, 1], normalised with its own
-    ``mean`` / ``std``; bilinearly resized to ``grid`` when the teacher's grid differs."""
-    shift = torch.tensor(mean, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
-    scale = torch.tensor(std, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
-    patches = teacher((pixels - shift) / scale).patches
-    patch = teacher.module.patch_size
-    own = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+def teacher_patches(teacher: FrozenTeacher, pixels: torch.Tensor, size: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The teacher's patch features (B, gh*gw, Dt) of pixels (B, C, H, W) in [0, 1]: resized to the teacher's
+    input ``size`` (bicubic) if needed, normalised with the teacher's own ``mean`` / ``std``; its feature map resized
+    (bilinear) to ``grid`` when the teacher's grid differs."""
+    if pixels.shape[-1] != size or pixels.shape[-2] != size:
+        pixels = F.interpolate(pixels.float(), size=(size, size), mode="bicubic", align_corners=False).to(pixels.dtype)
+    channels = pixels.shape[1]
+    patches = teacher(renormalize(pixels, (0.0,) * channels, (1.0,) * channels, teacher.mean, teacher.std))
+    own = tuple(teacher.module.grid_size)
     if own == tuple(grid):
         return patches
     batch, _, dim = patches.shape
@@ -368,7 +346,7 @@ def teacher_patches(teacher: FrozenTeacher, pixels: torch.Tensor, mean: tuple[fl
 
 # -- the objective -------------------------------------------------------------------------------------------------
 class VQKDParams(ObjectiveParams):
-    teacher: str = Field(description="the frozen feature teacher: a maskray checkpoint or run directory")
+    teacher: TeacherSpec = Field(description="the frozen feature teacher (maskray.teacher_sources)")
     num_codes: int = Field(8192, ge=2, description="codebook size K")
     code_dim: int = Field(32, gt=0, description="code dimension d")
     decay: float = Field(0.99, ge=0.0, le=1.0, description="codebook EMA decay")
@@ -386,7 +364,8 @@ class VQKD(Objective):
 
     def __init__(self, encoder: MaskedViT, params: VQKDParams) -> None:
         super().__init__(encoder, params)
-        self.teacher, self.teacher_mean, self.teacher_std = feature_teacher(params.teacher, encoder)
+        self.teacher_size = params.teacher.img_size or encoder.init_kwargs["img_size"]
+        self.teacher = build_teacher(params.teacher, self.teacher_size)
         self.encode_task = task_layer(encoder.embed_dim, params.code_dim)
         self.quantizer = NormEMAQuantizer(params.num_codes, params.code_dim, params.decay, params.beta,
                                           params.kmeans_iters, params.restart_after)
@@ -409,8 +388,7 @@ class VQKD(Objective):
         batch_size, length, _ = tokens.shape
         quantized = self.quantizer(self.encode_task(tokens).flatten(0, 1), ctx.generator)
         rec = self.decoder(quantized.quantized.view(batch_size, length, -1).to(tokens.dtype))  # (B, L, Dt)
-        target = teacher_patches(self.teacher, batch["crop"][1], self.teacher_mean, self.teacher_std,
-                                 self.encoder.grid_size)  # (B, L, Dt)
+        target = teacher_patches(self.teacher, batch["crop"][1], self.teacher_size, self.encoder.grid_size)
         reconstruction = (1.0 - F.cosine_similarity(rec.float(), target.float(), dim=-1)).mean()
         counts = quantized.counts
         metrics = {

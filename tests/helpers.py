@@ -52,7 +52,7 @@ def demo_digits(size: int, count: int):
 
 
 def tiny_vqkd(img_size: int = 16, num_codes: int = 16, restart_after: int = 5):
-    """A one-block VQ-KD objective (``random`` teacher, 32-wide decoder) at ``img_size`` pixels, patch 4."""
+    """A one-block VQ-KD objective (a random one-block ViT teacher, 32-wide decoder) at ``img_size`` pixels, patch 4."""
     import torch
 
     from maskray.config import load_config
@@ -60,7 +60,9 @@ def tiny_vqkd(img_size: int = 16, num_codes: int = 16, restart_after: int = 5):
     from maskray.objective import build_objective
 
     config = load_config(None, [f"model.img_size={img_size}", "model.depth=1", "objective.name=vqkd",
-                                "objective.teacher=random", f"objective.num_codes={num_codes}",
+                                "objective.teacher.source=random", "objective.teacher.arch=vit_tiny_patch16_224",
+                                "objective.teacher.model_kwargs={patch_size: 4, depth: 1}",
+                                f"objective.num_codes={num_codes}",
                                 f"objective.restart_after={restart_after}", "objective.decoder_dim=32"])
     torch.manual_seed(0)
     return build_objective("vqkd", config.objective.params, build_encoder(config.model))

@@ -2,7 +2,8 @@
 
 Each objective's demo config (``configs/demo/<name>.yaml``) runs ``STEPS`` optimizer steps with 2 workers at a
 small batch, checkpoints once and reports its final k-NN; the run must finish with finite losses logged for
-every step window. Learning at full budget is ``benchmarks/objectives.py``'s job (BENCHMARKS.md).
+every step window and its final encoder as an artifact. Learning at full budget is ``benchmarks/objectives.py``'s
+job (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from maskray.config import load_config
 from maskray.engine.driver import run_pretraining
+from maskray.weights import ARTIFACT_DIR, RUN_ARTIFACT
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -66,6 +68,8 @@ def test_demo_config_runs_a_few_steps(name, ray_session, demo_shards, tmp_path, 
     assert [m.step for m in history] == list(range(1, STEPS + 1))
     assert all(math.isfinite(m.value) for m in history)
     assert "knn_top1" in result.metrics
+    client = MlflowClient(config.tracking.resolved_uri())  # the final encoder, kept when checkpoints rotate
+    assert RUN_ARTIFACT in [a.path for a in client.list_artifacts(result.run_id, ARTIFACT_DIR)]
     if name in ARTIFACTS:
         folder = ARTIFACTS[name].rpartition("/")[0]
         listed = MlflowClient(config.tracking.resolved_uri()).list_artifacts(result.run_id, folder)

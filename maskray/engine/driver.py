@@ -22,6 +22,8 @@ from maskray.data.transforms import channel_stats
 from maskray.errors import ConfigError, DataError
 from maskray.eval.protocol import eval_shard_sets
 from maskray.models import build_encoder, load_pretrained
+from maskray.objective import objective_teacher_specs
+from maskray.teacher_sources import teacher_run_record
 from maskray.tracking import find_or_create_run, finish_run, run_url_hint
 
 
@@ -57,13 +59,25 @@ def validate_inputs(config: Config) -> None:
 
 
 def run_params(config: Config) -> dict[str, Any]:
-    """The run's MLflow params: the flattened config, plus ``model.init_from_sha256`` (the file's sha256) when
-    ``model.init_from`` is set. The file is loaded into an encoder built here first, so one that is missing,
-    unreadable or of another architecture stops the driver (ConfigError) before any worker starts."""
-    params = config.flat()
+    """The run's MLflow params (:func:`run_record`)."""
+    return run_record(config)[0]
+
+
+def run_record(config: Config) -> tuple[dict[str, Any], dict[str, str]]:
+    """The run's MLflow params and tags. Params: the flattened config, plus ``model.init_from_sha256`` (the
+    file's sha256) when ``model.init_from`` is set, plus ``<key>.sha256`` / ``<key>.resolved`` for every frozen
+    teacher of the objective (``objective.teacher``). Tags: :meth:`Config.run_tags` plus each teacher's
+    (``teacher``: its source, or ``random-init (test only)``). The init file and every teacher are loaded here
+    first, so one that is missing, unreadable, of another architecture, or an unknown run id or a run without
+    its encoder artifact stops the driver (ConfigError) before any worker starts."""
+    params, tags = config.flat(), config.run_tags()
     if config.model.init_from:
         params["model.init_from_sha256"] = load_pretrained(build_encoder(config.model), config.model.init_from).sha256
-    return params
+    for key, spec in objective_teacher_specs(config.objective.name, config.objective.params).items():
+        teacher_params, teacher_tags = teacher_run_record(spec, key, config.model.img_size)
+        params.update(teacher_params)
+        tags.update(teacher_tags)
+    return params, tags
 
 
 def _scaling(config: Config, workers: int):
@@ -97,12 +111,12 @@ def run_pretraining(
     from maskray.engine.worker import train_loop_per_worker
 
     config = config.resolved()
-    params = run_params(config)
+    params, run_tags = run_record(config)
     validate_inputs(config)
     run_name = run_name or default_run_name(config)
     tracking_uri = config.tracking.resolved_uri()
     run_id, resumed = find_or_create_run(
-        tracking_uri, config.tracking.experiment, run_name, params, {**config.run_tags(), **(tags or {})}
+        tracking_uri, config.tracking.experiment, run_name, params, {**run_tags, **(tags or {})}
     )
     storage = Path(config.tracking.storage_path)
     storage.mkdir(parents=True, exist_ok=True)

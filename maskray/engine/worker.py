@@ -7,8 +7,10 @@ objective's own input transform, and runs ``train.steps`` optimizer steps. After
 EMA teachers are updated. Every ``train.checkpoint_every`` steps all ranks save their training state and call
 ``ray.train.report`` with it. Rank 0 logs to the MLflow run that the driver created (every objective metric averaged
 over ranks) and runs the k-NN evaluation: the initial encoder before the first step, logged as ``*_random_init``
-(with ``model.init_from``, the released weights), the trained one every ``eval.every`` steps and at the end, and
-logs the objective's kept artifacts (:meth:`~maskray.objective.Objective.export_artifacts`) after the last step.
+(with ``model.init_from``, the released weights), the trained one every ``eval.every`` steps and at the end. At the
+end rank 0 also logs the final evaluation encoder as the run's artifact ``encoder/encoder.safetensors`` (the export
+format, :mod:`maskray.weights`), which outlives the rotated checkpoints (a frozen teacher's ``run_id`` source), and
+the objective's kept artifacts (:meth:`~maskray.objective.Objective.export_artifacts`).
 """
 
 from __future__ import annotations
@@ -26,19 +28,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from maskray.checkpoint import encoder_from_state
 from maskray.config import Config
 from maskray.context import RankRandomness, StepContext
 from maskray.data import batch_size, infinite_batches, resolve_shards
+from maskray.data.transforms import channel_stats
 from maskray.distributed import gathered
 from maskray.engine.deepspeed_setup import build_engine, encoder_state, use_bf16
 from maskray.engine.training_state import load_training_state, save_training_state
 from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
-from maskray.models import build_encoder, load_pretrained
+from maskray.models import MaskedViT, build_encoder, load_pretrained
 from maskray.objective import Objective, build_objective
 from maskray.tracking import RunLogger
 from maskray.tracking.figures import loss_curve_figure
+from maskray.weights import ARTIFACT_DIR, RUN_ARTIFACT, weights_metadata
 
 
 def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -133,6 +138,19 @@ class WindowStats:
         }
 
 
+def log_final_encoder(
+    logger: RunLogger, encoder: MaskedViT, weights: dict[str, torch.Tensor], config: Config, step: int
+) -> None:
+    """Log ``weights`` (the evaluation encoder's timm state dict, of ``encoder``'s architecture) as the run's
+    artifact ``encoder/encoder.safetensors`` with the export metadata (arch, kwargs, step, the data's mean / std)."""
+    mean, std = channel_stats(config.data.mean, config.data.std, config.model.in_chans)
+    metadata = weights_metadata(encoder, f"mlflow run {logger.run_id}", step, mean, std)
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, os.path.basename(RUN_ARTIFACT))
+        save_file({key: value.contiguous() for key, value in weights.items()}, path, metadata=metadata)
+        logger.log_file(path, ARTIFACT_DIR)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point run by Ray Train on every worker. ``loop_config`` is built by the driver."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -218,8 +236,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     if start >= last_step:
         return
-    if logger:
-        if eval_sets:  # the last step always checkpoints, so ``weights`` holds the final encoder
+    if logger:  # the last step always checkpoints, so ``weights`` holds the final encoder
+        log_final_encoder(logger, encoder, weights, config, last_step)
+        if eval_sets:
             trained = encoder_from_state(config, weights).to(device)
             logger.log_metrics(encoder_knn_metrics(trained, eval_sets, config, device), last_step)
         logger.log_figure(loss_curve_figure(logger), "loss_curve.png")

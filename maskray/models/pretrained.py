@@ -51,32 +51,32 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_state_dict(path: str | Path) -> StateDict:
+def read_state_dict(path: str | Path, key: str = KEY) -> StateDict:
     """The tensors of a ``.safetensors`` file or a ``weights_only`` pickle (``model`` / ``state_dict`` unwrapped);
-    ConfigError naming ``model.init_from`` and the file otherwise."""
+    ConfigError naming ``key`` (default ``model.init_from``) and the file otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"key '{KEY}': no such file '{path}'")
+        raise ConfigError(f"key '{key}': no such file '{path}'")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
         except SafetensorError as err:
-            raise ConfigError(f"key '{KEY}': '{path}' is not a readable safetensors file ({err})") from None
+            raise ConfigError(f"key '{key}': '{path}' is not a readable safetensors file ({err})") from None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ConfigError(f"key '{KEY}': '{path}' is refused by torch.load(weights_only=True): "
+        raise ConfigError(f"key '{key}': '{path}' is refused by torch.load(weights_only=True): "
                           f"{_unpickler_reason(str(err))}") from None
     except (RuntimeError, EOFError) as err:
-        raise ConfigError(f"key '{KEY}': '{path}' is not a readable checkpoint ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"key '{key}': '{path}' is not a readable checkpoint ({str(err).splitlines()[0]})") from None
     for wrapper in ("model", "state_dict"):
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]
     if not isinstance(data, dict) or not data:
-        raise ConfigError(f"key '{KEY}': '{path}' holds no state dict")
-    for key, value in data.items():
+        raise ConfigError(f"key '{key}': '{path}' holds no state dict")
+    for name, value in data.items():
         if not isinstance(value, torch.Tensor):
-            raise ConfigError(f"key '{KEY}': '{path}' entry '{key}' is a {type(value).__name__}, not a tensor")
+            raise ConfigError(f"key '{key}': '{path}' entry '{name}' is a {type(value).__name__}, not a tensor")
     return data
 
 
@@ -162,7 +162,9 @@ def detect_format(state: StateDict) -> str:
     return "timm"
 
 
-def resample_pos_embed(state: StateDict, encoder: MaskedViT) -> tuple[StateDict, tuple[int, int] | None]:
+def resample_pos_embed(
+    state: StateDict, encoder: MaskedViT, key: str = KEY
+) -> tuple[StateDict, tuple[int, int] | None]:
     """``pos_embed`` (1, 1 + g*g, D) of a square g x g grid resampled to the encoder's grid when only its length
     differs (bicubic, CLS slot kept); returns the state and (g, g), or ``state`` unchanged and None."""
     table, own = state.get("pos_embed"), encoder.vit.pos_embed
@@ -170,7 +172,7 @@ def resample_pos_embed(state: StateDict, encoder: MaskedViT) -> tuple[StateDict,
         return state, None
     side = math.isqrt(table.shape[1] - 1)
     if table.ndim != 3 or side * side != table.shape[1] - 1:
-        raise ConfigError(f"key '{KEY}': pos_embed {tuple(table.shape)} is not a CLS slot plus a square grid")
+        raise ConfigError(f"key '{key}': pos_embed {tuple(table.shape)} is not a CLS slot plus a square grid")
     resampled = resample_abs_pos_embed(table.float(), new_size=list(encoder.grid_size), old_size=[side, side])
     return {**state, "pos_embed": resampled}, (side, side)
 
@@ -203,18 +205,19 @@ class InitFrom:
     resampled_from: tuple[int, int] | None
 
 
-def load_pretrained(encoder: MaskedViT, path: str | Path) -> InitFrom:
+def load_pretrained(encoder: MaskedViT, path: str | Path, key: str = KEY) -> InitFrom:
     """Load the weights of ``path`` into ``encoder.vit`` (strictly, after mapping and resampling); ConfigError
-    naming ``model.init_from``, the file and the first bad key when the file does not fit the architecture."""
+    naming ``key`` (default ``model.init_from``), the file and the first bad key when the file does not fit the
+    architecture."""
     path = Path(path)
-    raw = read_state_dict(path)
+    raw = read_state_dict(path, key)
     kind = detect_format(raw)
     mapped = FILTERS[kind](raw)
-    state, grid = resample_pos_embed(mapped, encoder)
+    state, grid = resample_pos_embed(mapped, encoder, key)
     expected = encoder.vit.state_dict()
     problem = first_mismatch(expected, state)
     if problem:
-        raise ConfigError(f"key '{KEY}': '{path}' ({kind}) does not fit the {encoder.arch} encoder "
+        raise ConfigError(f"key '{key}': '{path}' ({kind}) does not fit the {encoder.arch} encoder "
                           f"(depth {encoder.depth}, width {encoder.embed_dim}): {problem}")
     encoder.vit.load_state_dict(state, strict=True)
     return InitFrom(path, file_sha256(path), kind, grid)

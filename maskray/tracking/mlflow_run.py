@@ -111,6 +111,9 @@ class RunLogger:
                 handle.write(data)
             self.client.log_artifact(self.run_id, path, artifact_path)
 
+    def log_file(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
     def log_artifacts(self, directory: str | os.PathLike) -> None:
         """Every file under ``directory`` as the run's artifacts (same relative paths)."""
         self.client.log_artifacts(self.run_id, str(directory))
