@@ -49,6 +49,7 @@ from timm.models.vision_transformer import Block
 
 from maskray.config import TrackingConfig, project_root
 from maskray.context import StepContext
+from maskray.data.transforms import channel_stats
 from maskray.distributed import all_reduce_sum, broadcast
 from maskray.errors import ConfigError
 from maskray.models import MaskedViT, sincos_2d
@@ -405,5 +406,6 @@ class VQKD(Objective):
 
     def export_artifacts(self, directory: Path, config) -> None:
         """The tokenizer, as ``<directory>/tokenizer`` (:func:`save_tokenizer`), with the run's normalisation."""
-        save_tokenizer(directory / ARTIFACT, self.tokenizer(config.data.mean, config.data.std))
+        mean, std = channel_stats(config.data.mean, config.data.std, config.model.in_chans)
+        save_tokenizer(directory / ARTIFACT, self.tokenizer(mean, std))
 
