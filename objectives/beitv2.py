@@ -77,10 +77,10 @@ def reinit_block(block: nn.Module, layer_id: int, layer_scale: float | None) -> 
 
 class BEiTv2Params(ObjectiveParams):
     tokenizer: TokenizerSource = Field(description="the VQ-KD tokenizer: {run_id: <vqkd run>} or {path: <dir>}")
-    num_masked: int = Field(75, gt=0, description="masked patches per image (BEiT v2: 75 of 196, ~40%)")
-    min_block: int = Field(16, gt=0, description="smallest block of the block-wise mask, in patches")
+    num_masked: int = Field(26, gt=0, description="masked patches per image (~40%; paper: 75 of 196)")
+    min_block: int = Field(5, gt=0, description="smallest mask block in patches (paper: 16 of 196)")
     min_aspect: float = Field(0.3, gt=0.0, le=1.0, description="block aspect ratios in [min_aspect, 1/min_aspect]")
-    early_layers: int = Field(9, gt=0, description="the aggregation head reads the patch tokens of this block (from 1)")
+    early_layers: int = Field(3, gt=0, description="the head reads this block's patch tokens (from 1; paper: 9)")
     head_layers: int = Field(2, gt=0, description="blocks of the patch-aggregation head")
 
     def resolved(self, base: Path, tracking_uri: str) -> BEiTv2Params:

@@ -348,12 +348,12 @@ def teacher_patches(teacher: FrozenTeacher, pixels: torch.Tensor, size: int, gri
 # -- the objective -------------------------------------------------------------------------------------------------
 class VQKDParams(ObjectiveParams):
     teacher: TeacherSpec = Field(description="the frozen feature teacher (maskray.teacher_sources)")
-    num_codes: int = Field(8192, ge=2, description="codebook size K")
+    num_codes: int = Field(256, ge=2, description="codebook size K (paper: 8192)")
     code_dim: int = Field(32, gt=0, description="code dimension d")
     decay: float = Field(0.99, ge=0.0, le=1.0, description="codebook EMA decay")
     beta: float = Field(1.0, ge=0.0, description="commitment loss weight")
     kmeans_iters: int = Field(10, ge=0, description="k-means iterations of the codebook initialisation")
-    restart_after: int = Field(100, ge=0, description="restart a code unused for this many forwards (0: never)")
+    restart_after: int = Field(20, ge=0, description="restart a code unused for this many forwards (0: never)")
     decoder_dim: int = Field(128, gt=0, description="decoder width")
     decoder_depth: int = Field(1, gt=0, description="decoder blocks")
     decoder_heads: int = Field(4, gt=0, description="decoder attention heads")
