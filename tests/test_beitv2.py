@@ -84,3 +84,16 @@ def test_short_training_lowers_the_loss(tokenizer, one_thread) -> None:
         losses.append(out.loss.item())
     assert sum(losses[-3:]) < sum(losses[:3]) - 0.3
     assert all(p.grad is not None for p in objective.head.parameters() if p.requires_grad)
+
+
+def test_beit_backbone_with_shared_relative_position_bias(tmp_path, one_thread) -> None:
+    """The paper's backbone kind (timm Beit, no absolute positions, one shared relative position bias, layer scale):
+    the head blocks are Beit blocks that take the shared bias, re-initialised with layer scale 0.1."""
+    tokenizer = tiny_tokenizer(tmp_path / "tok", img_size=16, num_codes=16)
+    objective, _ = beitv2(tokenizer, "model.arch=beitv2_base_patch16_224", "model.pos_embed=none",
+                          "model.rel_pos_bias=shared", "model.depth=2", "objective.early_layers=1")
+    assert all(torch.all(block.gamma_1 == 0.1) for block in objective.head)
+    out = objective(batch_of(demo_digits(16, 4)), StepContext(0, 1))
+    out.loss.backward()
+    assert objective.encoder.vit.rel_pos_bias.relative_position_bias_table.grad.abs().sum() > 0
+    assert out.loss.item() == pytest.approx(2 * math.log(16), abs=0.3)
