@@ -164,3 +164,8 @@ class Composite(Objective):
 
     def figures(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {f"{name}_{file}": fig for name, part in self.parts.items() for file, fig in part.figures(batch).items()}
+
+    def export_artifacts(self, directory, config) -> None:
+        """Each part's artifacts under ``<directory>/<part name>``."""
+        for name, part in self.parts.items():
+            part.export_artifacts(directory / name, config)

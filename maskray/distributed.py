@@ -71,6 +71,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s ``x`` on every rank (a new tensor, no gradient), e.g. a random draw that must be identical on
+    all ranks (codebook initialisation and restarts)."""
+    x = x.detach().clone().contiguous()
+    if world_size() > 1:
+        dist.broadcast(x, src)
+    return x
+
+
 def is_partitioned(params: Iterable[nn.Parameter]) -> bool:
     """Whether any of ``params`` is a DeepSpeed ZeRO-3 partitioned parameter."""
     return any(hasattr(param, "ds_id") for param in params)

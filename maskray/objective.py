@@ -16,6 +16,7 @@ needs it declares, and the core provides:
   (built with :func:`~maskray.teacher_sources.build_teacher`): :meth:`Objective.teacher_specs` finds it, the
   driver resolves and records it before any worker starts, :meth:`ObjectiveParams.resolved` makes its paths
   absolute;
+- **artifacts** (:meth:`Objective.export_artifacts`): files the run keeps in MLflow besides checkpoints;
 - **state**: :meth:`Objective.extra_state` (queues, counters; identical on every rank) is checkpointed; each
   rank's generators are seeded from (seed, rank) and checkpointed by the core (:mod:`maskray.context`);
 - **parameter groups** (:meth:`Objective.param_group_specs`): a learning-rate scale, weight decay or gradient
@@ -55,7 +56,9 @@ from maskray.teacher_sources import TeacherSpec
 from maskray.teachers import EMATeacher, Teacher
 
 if TYPE_CHECKING:
-    from maskray.config import DataConfig, ModelConfig
+    from pathlib import Path
+
+    from maskray.config import Config, DataConfig, ModelConfig
     from maskray.data.views import Views
 
 
@@ -182,6 +185,11 @@ class Objective(nn.Module, ABC):
     def figures(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Diagnostic matplotlib figures for a batch, ``{filename.png: figure}``. Default: none."""
         return {}
+
+    def export_artifacts(self, directory: Path, config: Config) -> None:
+        """Write files that outlive the run into ``directory`` (e.g. a trained tokenizer that a later run
+        loads); the worker logs them as the run's MLflow artifacts after the last step (rank 0, parameters
+        gathered under ZeRO-3). ``config``: the run's config. Default: none."""
 
     # -- optimizer -------------------------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:

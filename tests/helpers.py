@@ -39,3 +39,44 @@ def launch(script: str, *args: str) -> int:
     finally:
         sys.argv = argv
     return 0
+
+
+def demo_digits(size: int, count: int):
+    """The bundled scikit-learn digits as (count, 3, size, size) float pixels in [0, 1] (bilinear upsampling)."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    images = torch.tensor(load_digits().images[:count], dtype=torch.float32).unsqueeze(1) / 16.0
+    return F.interpolate(images, size=size, mode="bilinear").clamp(0, 1).expand(-1, 3, -1, -1)
+
+
+def tiny_vqkd(img_size: int = 16, num_codes: int = 16, restart_after: int = 5):
+    """A one-block VQ-KD objective (a random one-block ViT teacher, 32-wide decoder) at ``img_size`` pixels, patch 4."""
+    import torch
+
+    from maskray.config import load_config
+    from maskray.models import build_encoder
+    from maskray.objective import build_objective
+
+    config = load_config(None, [f"model.img_size={img_size}", "model.depth=1", "objective.name=vqkd",
+                                "objective.teacher.source=random", "objective.teacher.arch=vit_tiny_patch16_224",
+                                "objective.teacher.model_kwargs={patch_size: 4, depth: 1}",
+                                f"objective.num_codes={num_codes}",
+                                f"objective.restart_after={restart_after}", "objective.decoder_dim=32"])
+    torch.manual_seed(0)
+    return build_objective("vqkd", config.objective.params, build_encoder(config.model))
+
+
+def tiny_tokenizer(directory: Path, img_size: int = 16, num_codes: int = 16) -> Path:
+    """Save the tokenizer of :func:`tiny_vqkd` after one training forward (the k-means initialisation) on demo
+    digits into ``directory``; returns it."""
+    import torch
+
+    from maskray.context import StepContext
+    from objectives.vqkd import save_tokenizer
+
+    objective = tiny_vqkd(img_size, num_codes)
+    pixels = demo_digits(img_size, 32)
+    objective({"crop": [(pixels - 0.5) / 0.5, pixels]}, StepContext(0, 1, generator=torch.Generator().manual_seed(0)))
+    return save_tokenizer(directory, objective.tokenizer((0.5,) * 3, (0.5,) * 3))

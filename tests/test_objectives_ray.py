@@ -27,16 +27,24 @@ pytestmark = pytest.mark.slow
 # config file -> extra overrides it needs at test size (besides the shards, tracking and step budget)
 DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "mae.yaml": (),
-    "dtm.yaml": (),  # its teacher: TEACHER_RUNS
+    "dtm.yaml": (),  # its teacher: DEPENDS
+    "vqkd.yaml": ("objective.teacher.source=random", "objective.teacher.arch=vit_tiny_patch16_224",
+                  "objective.teacher.model_kwargs={patch_size: 4, depth: 1}", "objective.num_codes=32"),
+    "beitv2.yaml": (),  # its tokenizer: DEPENDS
 }
-# config file -> the demo config whose few-step run is its frozen teacher (objective.teacher: that run's id, its
-# checkpoints deleted first: the teacher must come from the run's kept final-encoder artifact)
-TEACHER_RUNS = {"dtm.yaml": "mae.yaml"}
+# config file -> (the demo config whose few-step run it needs, the override naming that run by "{run_id}"). A
+# teacher's run has its checkpoints deleted first: teachers come from the run's kept artifacts.
+DEPENDS = {
+    "dtm.yaml": ("mae.yaml", "objective.teacher={{source: maskray, run_id: {run_id}}}"),
+    "beitv2.yaml": ("vqkd.yaml", "objective.tokenizer={{run_id: {run_id}}}"),
+}
+# config file -> an artifact its run must keep (besides the final encoder)
+ARTIFACTS = {"vqkd.yaml": "tokenizer/tokenizer.json"}
 
 
 def test_every_demo_config_runs_here() -> None:
     """A new demo config gets its few-step run here (configs that need an earlier run's output are listed in
-    DEMO_CONFIGS with the overrides that provide it, or in TEACHER_RUNS)."""
+    DEPENDS)."""
     assert sorted(p.name for p in (REPO / "configs" / "demo").glob("*.yaml")) == sorted(
         set(DEMO_CONFIGS) | {"mae_gray.yaml"})
 
@@ -52,10 +60,11 @@ def demo_run(ray_session, demo_shards, tmp_path_factory):
         if name in done:
             return done[name]
         extra: tuple[str, ...] = ()
-        if name in TEACHER_RUNS:
-            teacher, teacher_config = run(TEACHER_RUNS[name])
-            shutil.rmtree(Path(teacher_config.tracking.storage_path) / teacher.run_name)  # checkpoints rotated away
-            extra = (f"objective.teacher={{source: maskray, run_id: {teacher.run_id}}}",)
+        if name in DEPENDS:
+            source, override = DEPENDS[name]
+            earlier, earlier_config = run(source)
+            shutil.rmtree(Path(earlier_config.tracking.storage_path) / earlier.run_name, ignore_errors=True)
+            extra = (override.format(run_id=earlier.run_id),)
         config = load_config(REPO / "configs" / "demo" / name, [
             f"data.shards={demo_shards / 'train'}",
             f"eval.train_shards={demo_shards / 'train'}",
@@ -82,7 +91,12 @@ def test_demo_config_runs_a_few_steps(name, demo_run) -> None:
     assert "knn_top1" in result.metrics
     # the final encoder, kept when the checkpoints rotate (a later run's frozen teacher)
     assert RUN_ARTIFACT in [a.path for a in client.list_artifacts(result.run_id, ARTIFACT_DIR)]
-    if name in TEACHER_RUNS:
+    if name in ARTIFACTS:
+        folder = ARTIFACTS[name].rpartition("/")[0]
+        assert ARTIFACTS[name] in [item.path for item in client.list_artifacts(result.run_id, folder)]
+    if name in DEPENDS:
         params = client.get_run(result.run_id).data.params
-        teacher = demo_run(TEACHER_RUNS[name])[0]
-        assert params["objective.teacher.run_id"] == teacher.run_id and len(params["objective.teacher.sha256"]) == 64
+        earlier = demo_run(DEPENDS[name][0])[0]
+        assert earlier.run_id in {params.get("objective.teacher.run_id"), params.get("objective.tokenizer.run_id")}
+    if name == "dtm.yaml":
+        assert len(params["objective.teacher.sha256"]) == 64

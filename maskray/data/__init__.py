@@ -14,7 +14,7 @@ from maskray.data.writer import Sample, write_shards
 
 if TYPE_CHECKING:
     from maskray.data.transforms import ImageTransform, Photometric
-    from maskray.data.views import BlockMask, FramePair, MultiCrop, RandomMask, Views
+    from maskray.data.views import BlockMask, FramePair, MultiCrop, RandomMask, SharedCrop, Views
 
 # torchvision takes seconds to import (it pulls in torch._dynamo); make_shards.py never needs it
 _LAZY = {
@@ -24,6 +24,7 @@ _LAZY = {
     "FramePair": "maskray.data.views",
     "MultiCrop": "maskray.data.views",
     "RandomMask": "maskray.data.views",
+    "SharedCrop": "maskray.data.views",
     "Views": "maskray.data.views",
 }
 
@@ -38,6 +39,7 @@ __all__ = [
     "RandomMask",
     "Sample",
     "ShardSet",
+    "SharedCrop",
     "Source",
     "Views",
     "batch_size",

@@ -142,10 +142,14 @@ class ImageTransform:
         return self.in_chans, self.img_size, self.img_size
 
     def __call__(self, image: Image.Image | np.ndarray | DecodedSample) -> torch.Tensor:
+        return self.normalize(self.pixels(image))
+
+    def pixels(self, image: Image.Image | np.ndarray | DecodedSample) -> torch.Tensor:
+        """The crop before normalisation: (C, img_size, img_size) in [0, 1], photometric augmentation applied."""
         if isinstance(image, DecodedSample):
             image = image.image_or_bands()
         if self.mode and isinstance(image, Image.Image) and not image.mode.startswith(("I", "F")):
-            return self._finish(F.to_tensor(self.geometry(image.convert(self.mode))))
+            return self._augment(F.to_tensor(self.geometry(image.convert(self.mode))))
         pixels = image_array(image)
         scale = 255.0 if pixels.dtype == np.uint8 else 65535.0
         tensor = torch.from_numpy(pixels.astype(np.float32) / scale).permute(2, 0, 1)  # (C, H, W) in [0, 1]
@@ -153,11 +157,11 @@ class ImageTransform:
             tensor = tensor.expand(3, -1, -1)
         if tensor.shape[0] != self.in_chans:
             raise ValueError(f"image has {tensor.shape[0]} channels, model.in_chans is {self.in_chans}")
-        return self._finish(self.geometry(tensor))
+        return self._augment(self.geometry(tensor))
 
-    def _finish(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(C, S, S) in [0, 1] -> photometric augmentation (if any) -> normalised."""
-        return self.normalize(self.photometric(pixels) if self.photometric else pixels)
+    def _augment(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(C, S, S) in [0, 1] -> photometric augmentation (if any)."""
+        return self.photometric(pixels) if self.photometric else pixels
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ImageTransform) and other.args == self.args

@@ -97,6 +97,23 @@ class MultiCrop:
 
 
 @dataclass(frozen=True)
+class SharedCrop:
+    """One crop of a sample (geometry and photometric draw made once) in two renderings -> [normalised (C, S, S),
+    pixels in [0, 1] (C, S, S)]: the student's input and the input of a teacher that applies its own
+    normalisation (BEiT v2's tokenizer, a VQ-KD or DTM feature teacher), as the reference renders one crop twice."""
+
+    transform: ImageTransform
+
+    @property
+    def shape(self) -> list[Shape]:
+        return [self.transform.shape, self.transform.shape]
+
+    def __call__(self, sample: DecodedSample) -> list[torch.Tensor]:
+        pixels = self.transform.pixels(sample)
+        return [self.transform.normalize(pixels), pixels]
+
+
+@dataclass(frozen=True)
 class FramePair:
     """Two frames of a clip -> (2, C, img_size, img_size): frames ``i`` and ``i + gap`` of ``sample.frames()``.
 

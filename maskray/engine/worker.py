@@ -9,7 +9,8 @@ EMA teachers are updated. Every ``train.checkpoint_every`` steps all ranks save 
 over ranks) and runs the k-NN evaluation: the initial encoder before the first step, logged as ``*_random_init``
 (with ``model.init_from``, the released weights), the trained one every ``eval.every`` steps and at the end. At the
 end rank 0 also logs the final evaluation encoder as the run's artifact ``encoder/encoder.safetensors`` (the export
-format, :mod:`maskray.weights`), which outlives the rotated checkpoints (a frozen teacher's ``run_id`` source).
+format, :mod:`maskray.weights`), which outlives the rotated checkpoints (a frozen teacher's ``run_id`` source), and
+the objective's kept artifacts (:meth:`~maskray.objective.Objective.export_artifacts`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from maskray.config import Config
 from maskray.context import RankRandomness, StepContext
 from maskray.data import batch_size, infinite_batches, resolve_shards
 from maskray.data.transforms import channel_stats
+from maskray.distributed import gathered
 from maskray.engine.deepspeed_setup import build_engine, encoder_state, use_bf16
 from maskray.engine.training_state import load_training_state, save_training_state
 from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
@@ -243,5 +246,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             sample = to_device(next(batches), device, dtype)
             for filename, figure in objective.figures(sample).items():
                 logger.log_figure(figure, filename)
+    with tempfile.TemporaryDirectory() as directory, gathered(objective.parameters()):  # ZeRO-3: collective
+        if logger:
+            objective.export_artifacts(Path(directory), config)
+            if any(Path(directory).iterdir()):
+                logger.log_artifacts(directory)
     if dist.is_initialized():
         dist.barrier()

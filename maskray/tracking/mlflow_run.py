@@ -114,5 +114,9 @@ class RunLogger:
     def log_file(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, directory: str | os.PathLike) -> None:
+        """Every file under ``directory`` as the run's artifacts (same relative paths)."""
+        self.client.log_artifacts(self.run_id, str(directory))
+
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
