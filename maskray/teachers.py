@@ -125,8 +125,9 @@ class FrozenTeacher(Teacher):
     @classmethod
     def from_checkpoint(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> FrozenTeacher:
         """The encoder of a maskray checkpoint directory (``encoder.safetensors`` + ``model.json``)."""
+        from maskray import storage
         from maskray.checkpoint import ENCODER_FILE, load_encoder
 
         encoder, _ = load_encoder(directory)
-        path = Path(directory)
-        return cls(encoder, dtype, source=str(path.resolve()), sha256=file_sha256(path / ENCODER_FILE))
+        location = storage.absolute(directory)
+        return cls(encoder, dtype, source=location, sha256=file_sha256(storage.join(location, ENCODER_FILE)))
