@@ -1,9 +1,11 @@
-"""Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), and running a launcher."""
+"""Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), running a launcher, a free local
+port, copying a directory to a filesystem URI."""
 
 from __future__ import annotations
 
 import io
 import runpy
+import socket
 import sys
 from pathlib import Path
 
@@ -39,3 +41,20 @@ def launch(script: str, *args: str) -> int:
     finally:
         sys.argv = argv
     return 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def upload(local: Path, uri: str) -> str:
+    """Copy a local directory tree to a filesystem URI (through pyarrow); returns ``uri``."""
+    import pyarrow.fs as pafs
+
+    from maskray.storage import resolve
+
+    filesystem, path = resolve(uri)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+    return uri
