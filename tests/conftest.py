@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, local_s3
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Read when @triton.jit decorates a kernel: set before anything imports Triton. Kernels only run on CPU
@@ -74,37 +74,14 @@ def process_group():
         dist.destroy_process_group()
 
 
-S3_BUCKET = "maskray-test"
-
-
 @pytest.fixture(scope="module")
 def s3_bucket():
     """``s3://maskray-test`` on an S3-compatible server (moto's server mode) on 127.0.0.1, started for the module.
 
     The standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) point at it for the module, so
     pyarrow, boto3 and Ray workers started after this fixture (request it before ``ray_session``) reach it."""
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
-        yield f"s3://{S3_BUCKET}"
-    server.stop()
+    with local_s3("maskray-test") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")
