@@ -5,7 +5,7 @@
 Starts moto's S3 server on 127.0.0.1 (the ``s3`` extra; the AWS variables point at it, and the driver forwards
 them to the Ray workers), then:
 
-1. two demo runs (2 workers, ``--steps`` steps, a checkpoint every ``--every``), one with
+1. two demo runs through ``launch/pretrain.py`` (2 workers, ``--steps`` steps, a checkpoint every ``--every``), one with
    ``tracking.storage_path`` on local disk and one in the bucket: wall time of ``run_pretraining`` and of the
    training loop (first to last logged ``loss``, one log per checkpoint interval);
 2. a timed save of the same checkpoint (the local run's last one): Ray Train's own upload
@@ -21,6 +21,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,21 +34,21 @@ from helpers import local_s3  # noqa: E402
 
 
 def _run(storage_path: str, data: Path, args: argparse.Namespace, name: str) -> dict:
+    """One demo run through ``launch/pretrain.py`` (its own process and local Ray); wall time and loop time."""
     from mlflow.tracking import MlflowClient
 
-    from maskray.config import load_config
-    from maskray.engine.driver import run_pretraining
-
-    config = load_config(REPO / "configs/demo/mae.yaml", [
-        f"data.shards={data / 'train'}", "eval.train_shards=null", f"tracking.uri=sqlite:///{args.out / 'mlflow.db'}",
-        f"tracking.storage_path={storage_path}", f"train.steps={args.steps}", f"train.log_every={args.every}",
-        f"train.checkpoint_every={args.every}",
-    ])
+    uri = f"sqlite:///{args.out / 'mlflow.db'}"
+    overrides = [f"data.shards={data / 'train'}", "eval.train_shards=null", f"tracking.uri={uri}",
+                 f"tracking.storage_path={storage_path}", f"train.steps={args.steps}", f"train.log_every={args.every}",
+                 f"train.checkpoint_every={args.every}"]
     started = time.perf_counter()
-    result = run_pretraining(config, run_name=name)
+    done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config",
+                           str(REPO / "configs/demo/mae.yaml"), "--run-name", name,
+                           *[item for o in overrides for item in ("--set", o)]],
+                          cwd=REPO, stdout=subprocess.PIPE, text=True, check=True)
     wall = time.perf_counter() - started
-    history = MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "loss")
-    stamps = sorted(m.timestamp for m in history)
+    run_id = [line for line in done.stdout.splitlines() if line.startswith("mlflow_run_id=")][-1].split("=", 1)[1]
+    stamps = sorted(m.timestamp for m in MlflowClient(uri).get_metric_history(run_id.strip(), "loss"))
     return {"storage_path": storage_path, "run_s": round(wall, 1), "loop_s": round((stamps[-1] - stamps[0]) / 1e3, 1),
             "checkpoints": args.steps // args.every}
 

@@ -36,8 +36,9 @@ def test_run_checkpoints_to_s3_resumes_from_it_and_tracks_on_a_server(
     ])
     first = run_pretraining(config, run_name="on-s3", max_steps=4)
     assert not first.resumed and first.tracking_uri == tracking_uri
-    checkpoints = [name for name in storage.list_dir(f"{runs}/on-s3") if name.startswith("checkpoint_")]
-    assert checkpoints and all(storage.is_file(f"{runs}/on-s3/{name}/{ENCODER_FILE}") for name in checkpoints)
+    checkpoints = [f"{runs}/on-s3/{name}" for name in storage.list_dir(f"{runs}/on-s3")]
+    checkpoints = [path for path in checkpoints if storage.is_dir(path)]  # not checkpoint_manager_snapshot.json
+    assert len(checkpoints) == 2 and all(storage.is_file(f"{path}/{ENCODER_FILE}") for path in checkpoints)
     assert not Path("s3:").exists()  # the old bug: a local folder named after the URI
 
     second = run_pretraining(config, run_name="on-s3")
