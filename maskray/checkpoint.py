@@ -8,6 +8,9 @@ Layout of one reported checkpoint (Ray merges the per-rank directories):
 - ``objective_state.pt`` (from rank 0): the objective's teachers and extra state, and ``rng/rank<r>.pt``: each
   rank's generator states (written since the objective platform; older checkpoints lack them).
 
+A checkpoint or run directory is a local path or a filesystem URI (``s3://...``, ``gs://...``; see
+:mod:`maskray.storage`), wherever ``tracking.storage_path`` put it.
+
 Writing belongs to :mod:`maskray.engine.training_state`; everything here only reads.
 """
 
@@ -15,11 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
+from maskray import storage
 from maskray.config import Config
 from maskray.errors import ConfigError
 from maskray.models import MaskedViT, build_encoder
@@ -39,32 +42,41 @@ def encoder_from_state(config: Config, state: dict[str, torch.Tensor]) -> Masked
 
 
 def read_checkpoint_config(checkpoint: str | os.PathLike) -> Config:
-    """The run config stored in a checkpoint directory (ConfigError when it is not a maskray checkpoint)."""
-    path = Path(checkpoint)
+    """The run config stored in a checkpoint directory (a local path or a filesystem URI, see
+    :mod:`maskray.storage`); ConfigError when it is not a maskray checkpoint."""
+    location = storage.absolute(checkpoint)
     for name in (CONFIG_FILE, ENCODER_FILE):
-        if not (path / name).is_file():
-            raise ConfigError(f"--checkpoint: '{path}' has no {name} (not a maskray checkpoint)")
-    return Config.model_validate(json.loads((path / CONFIG_FILE).read_text()))
+        if not storage.is_file(storage.join(location, name)):
+            raise ConfigError(f"--checkpoint: '{location}' has no {name} (not a maskray checkpoint)")
+    return Config.model_validate(json.loads(storage.read_text(storage.join(location, CONFIG_FILE))))
 
 
 def load_encoder(directory: str | os.PathLike) -> tuple[MaskedViT, Config]:
-    """Load the encoder and config stored in a checkpoint directory."""
+    """Load the encoder and config stored in a checkpoint directory (a local path or a URI)."""
     config = read_checkpoint_config(directory)
-    return encoder_from_state(config, load_file(str(Path(directory, ENCODER_FILE)))), config
+    return encoder_from_state(config, read_encoder_state(directory)), config
+
+
+def read_encoder_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The timm state dict in a checkpoint's ``encoder.safetensors``."""
+    return load(storage.read_bytes(storage.join(storage.absolute(directory), ENCODER_FILE)))
 
 
 def checkpoint_step(directory: str | os.PathLike) -> int | None:
     """The step of a maskray checkpoint from ``ds/latest`` (``step<N>``), None when it has none."""
-    latest = Path(directory) / DEEPSPEED_DIR / "latest"
-    if not latest.is_file():
+    latest = storage.join(storage.absolute(directory), DEEPSPEED_DIR, "latest")
+    if not storage.is_file(latest):
         return None
-    tag = latest.read_text().strip()
+    tag = storage.read_text(latest).strip()
     return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """The ``checkpoint_*`` directory of a Ray run directory with the highest step that holds an encoder."""
-    candidates = [path for path in Path(run_dir).glob("checkpoint_*") if (path / ENCODER_FILE).is_file()]
+def latest_checkpoint(run_dir: str | os.PathLike) -> str:
+    """The ``checkpoint_*`` directory of a Ray run directory (a local path or a URI) with the highest step that
+    holds an encoder."""
+    root = storage.absolute(run_dir)
+    candidates = [storage.join(root, name) for name in storage.list_dir(root) if name.startswith("checkpoint_")]
+    candidates = [path for path in candidates if storage.is_file(storage.join(path, ENCODER_FILE))]
     if not candidates:
         raise ConfigError(f"no checkpoint with {ENCODER_FILE} under '{run_dir}'")
-    return max(candidates, key=lambda path: (checkpoint_step(path) or -1, path.name))
+    return max(candidates, key=lambda path: (checkpoint_step(path) or -1, storage.name(path)))

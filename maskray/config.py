@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from maskray.errors import ConfigError
+from maskray.storage import is_uri
 
 
 class Section(BaseModel):
@@ -195,9 +196,9 @@ class Config(Section):
         base = base or project_root()
 
         def absolute(path: str | None) -> str | None:
-            if path is None or "://" in path:
+            if path is None or is_uri(path):
                 return path
-            return str((base / Path(path).expanduser()).resolve())
+            return str((base / Path(path.removeprefix("file://")).expanduser()).resolve())
 
         update = self.model_copy(deep=True)
         update.model.init_from = absolute(self.model.init_from)

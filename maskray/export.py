@@ -42,7 +42,7 @@ from maskray.weights import ARTIFACT_DIR, weights_metadata
 @dataclass(frozen=True)
 class ExportResult:
     path: Path
-    checkpoint: Path
+    checkpoint: str
     arch: str
     timm_kwargs: dict[str, Any]
     run_id: str | None
@@ -81,7 +81,7 @@ class OnnxExportResult:
     """An ONNX export and its check: onnxruntime vs torch on a random ``check_shape`` batch."""
 
     path: Path
-    checkpoint: Path
+    checkpoint: str
     run_id: str | None
     check_shape: tuple[int, ...]
     max_abs_diff: float

@@ -133,13 +133,14 @@ class FrozenTeacher(Teacher):
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> FrozenTeacher:
-        """The encoder of a maskray checkpoint directory (``encoder.safetensors`` + ``model.json``), normalised as
-        its run's data."""
+        """The encoder of a maskray checkpoint directory (``encoder.safetensors`` + ``model.json``; a local path or
+        a filesystem URI), normalised as its run's data."""
+        from maskray import storage
         from maskray.checkpoint import ENCODER_FILE, load_encoder
         from maskray.data.transforms import channel_stats
 
         encoder, config = load_encoder(directory)
-        path = Path(directory)
+        location = storage.absolute(directory)
         mean, std = channel_stats(config.data.mean, config.data.std, config.model.in_chans)
-        return cls(encoder, dtype, source=str(path.resolve()), sha256=file_sha256(path / ENCODER_FILE), mean=mean,
-                   std=std)
+        return cls(encoder, dtype, source=location, sha256=file_sha256(storage.join(location, ENCODER_FILE)),
+                   mean=mean, std=std)

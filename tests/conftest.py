@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port, local_s3
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Read when @triton.jit decorates a kernel: set before anything imports Triton. Kernels only run on CPU
@@ -60,14 +61,10 @@ def process_group():
     """A world-size-1 gloo process group on 127.0.0.1 for DeepSpeed engines inside the test process; yields the
     deepspeed module. Session-wide and destroyed once at the end: DeepSpeed keeps its groups, so a second init
     after a destroy fails."""
-    import socket
-
     import deepspeed
     import torch.distributed as dist
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
@@ -75,3 +72,51 @@ def process_group():
         deepspeed.init_distributed("gloo")
         yield deepspeed
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """``s3://maskray-test`` on an S3-compatible server (moto's server mode) on 127.0.0.1, started for the module.
+
+    The standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) point at it for the module, so
+    pyarrow, boto3 and Ray workers started after this fixture (request it before ``ray_session``) reach it."""
+    with local_s3("maskray-test") as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` process on 127.0.0.1 (free port; SQLite backend and served artifacts under a
+    temporary directory), stopped after the module. Yields ``(tracking_uri, artifacts_dir)``."""
+    import subprocess
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]
+    with open(root / "server.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                log_tail = (root / "server.log").read_text()[-2000:]
+                raise RuntimeError(f"mlflow server did not start: {log_tail}") from None
+            time.sleep(0.5)
+    yield uri, root / "artifacts"
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

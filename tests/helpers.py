@@ -1,10 +1,15 @@
-"""Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), and running a launcher."""
+"""Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), running a launcher, a free local
+port, copying a directory to a filesystem URI, a local S3-compatible server."""
 
 from __future__ import annotations
 
 import io
+import os
 import runpy
+import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +85,55 @@ def tiny_tokenizer(directory: Path, img_size: int = 16, num_codes: int = 16) -> 
     pixels = demo_digits(img_size, 32)
     objective({"crop": [(pixels - 0.5) / 0.5, pixels]}, StepContext(0, 1, generator=torch.Generator().manual_seed(0)))
     return save_tokenizer(directory, objective.tokenizer((0.5,) * 3, (0.5,) * 3))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def upload(local: Path, uri: str) -> str:
+    """Copy a local directory tree to a filesystem URI (through pyarrow); returns ``uri``."""
+    import pyarrow.fs as pafs
+
+    from maskray.storage import resolve
+
+    filesystem, path = resolve(uri)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+    return uri
+
+
+@contextmanager
+def local_s3(bucket: str) -> Iterator[str]:
+    """An S3-compatible server (moto's server mode) on 127.0.0.1 with ``bucket``; yields ``s3://<bucket>``. While
+    it runs, the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) of this process point at
+    it (restored afterwards), so pyarrow, boto3 and processes started meanwhile reach it."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield f"s3://{bucket}"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

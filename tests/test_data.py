@@ -402,7 +402,8 @@ def test_clips_round_trip_once_per_epoch_across_ranks_and_workers(tmp_path, caps
         argv = [str(tmp_path / "clips"), str(tmp_path / "out"), "--clips", "--samples-per-shard", "3"]
         assert make_shards_main(argv + ["--clip-format", clip_format]) == 0
         total = sum(len(clip) for clip in CLIPS.values())
-        assert capsys.readouterr().out.strip() == f"{tmp_path / 'out'}: 12 clips ({total} frames), 4 shards, 2 classes"
+        summary = capsys.readouterr().out.strip()
+        assert summary.startswith(f"{tmp_path / 'out'}: 12 clips ({total} frames), 4 shards, 2 classes (")
         shards = resolve_shards(str(tmp_path / "out"))
         assert shards.class_names == ("a", "b")
         labels = {key: int(key.startswith("b")) for key in expected}
@@ -492,10 +493,12 @@ def test_make_shards_clip_errors_and_unlabelled_clips(tmp_path, capsys):
     (root / "two").mkdir()
     (root / "two" / "a.png").write_bytes(png_bytes(CLIPS["c00"][0]))
     (root / "two" / "b.png").write_bytes(_png(0, size=6))
-    for fmt in ("npy", "frames"):
-        assert make_shards_main([str(root), str(tmp_path / fmt), "--clips", "--clip-format", fmt]) == 2
-        error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
-        assert error.startswith("error: SOURCE: clip") and "two" in error and "different sizes" in error
+    for fmt in ("npy", "frames"):  # the clip is skipped and listed; --strict makes that an error
+        assert make_shards_main([str(root), str(tmp_path / fmt), "--clips", "--clip-format", fmt, "--strict"]) == 2
+        captured = capsys.readouterr()
+        skipped = [line for line in captured.out.splitlines() if line.startswith("  skipped: ")]
+        assert len(skipped) == 1 and "two" in skipped[0] and "different sizes" in skipped[0]
+        assert captured.err.splitlines()[-1].startswith("error: --strict: 1 item(s)")
     with pytest.raises(DataError) as excinfo:
         list(clip_folder(root).samples())
     _one_line_error(excinfo, "SOURCE: clip", "two", "frame 1 is 6x6")

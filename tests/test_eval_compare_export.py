@@ -276,7 +276,7 @@ def test_evaluate_twice_updates_the_same_run(ray_session, store, tmp_path) -> No
         resolve_target(store, "0" * 32)
 
     target = resolve_target(store, run_id)
-    assert (target.checkpoint.name, target.step) == ("checkpoint_000000", 5)
+    assert (Path(target.checkpoint).name, target.step) == ("checkpoint_000000", 5)
     assert resolve_target(checkpoint=target.checkpoint).run_id == run_id  # found by its Ray run name
     first = evaluate(target, EvalSettings(probe=LinearProbeConfig(epochs=10, warmup_epochs=1), diag_images=12))
     assert {"knn_top1", "knn_top5", "linear_top1", "linear_top5", "linear_top1_random_init",

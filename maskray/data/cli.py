@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
+from maskray.data.convert import PARTS_DIR, REPORT_NAME, convert
 from maskray.data.manifest import ShardSet, read_manifest
 from maskray.data.sources import (
     CLIP_FORMATS,
@@ -22,7 +23,7 @@ from maskray.data.sources import (
     parquet_file,
     split_indices,
 )
-from maskray.data.writer import check_out_dir, write_shards
+from maskray.data.writer import check_out_dir
 from maskray.errors import DataError, MaskrayError
 
 DEMO_SAMPLES_PER_SHARD = 100  # ~9 shards per demo split, so ranks x loader workers all get shards
@@ -42,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards and manifest")
+    parser.add_argument("--workers", type=_positive_int, default=1,
+                        help="processes that load and write shards in parallel (default 1; same output for any N)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted conversion into OUT_DIR with the same arguments: shards it "
+                        "finished are kept, the others are written")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with code 2 when any item could not be decoded (they are skipped and listed in "
+                        f"OUT_DIR/{REPORT_NAME} either way)")
     parser.add_argument(
         "--samples-per-shard",
         type=_positive_int,
@@ -84,27 +93,39 @@ def make_shards(argv: Sequence[str] | None = None) -> list[ShardSet]:
     if not 0.0 <= args.test_fraction < 1.0:
         raise DataError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
     out_dirs = _out_dirs(args)
+    if args.resume and args.overwrite:
+        raise DataError("--resume and --overwrite exclude each other")
     for out_dir in out_dirs:
-        check_out_dir(out_dir, args.overwrite)  # refuse before reading the source or writing anything
+        if (out_dir / PARTS_DIR).is_dir() and not (args.resume or args.overwrite):
+            raise DataError(f"OUT: '{out_dir}' holds an interrupted conversion; pass --resume to continue it "
+                            "(same arguments) or --overwrite to start again")
+        if not args.resume:
+            check_out_dir(out_dir, args.overwrite)  # refuse before reading the source or writing anything
     default_per_shard = DEMO_SAMPLES_PER_SHARD if args.source == "demo" else SAMPLES_PER_SHARD
-    written = []
+    written, skipped = [], []
     for out_dir, (source, indices) in zip(out_dirs, _plan(args), strict=True):
-        shards = write_shards(
-            source.samples(indices),
-            out_dir,
-            samples_per_shard=args.samples_per_shard or default_per_shard,
-            overwrite=args.overwrite,
-            total=len(indices),
-            class_names=source.class_names,
-            source=source.description,
+        done = convert(
+            source, indices, out_dir, samples_per_shard=args.samples_per_shard or default_per_shard,
+            workers=args.workers, resume=args.resume, overwrite=args.overwrite,
         )
+        shards = done.shards
         if args.clips:
             frames = pc.sum(read_manifest(out_dir, key="OUT")["frames"]).as_py()
             counts = f"{shards.num_samples} clips ({frames} frames)"
         else:
             counts = f"{shards.num_samples} samples"
-        print(f"{out_dir}: {counts}, {len(shards.urls)} shards, {shards.num_classes} classes")
+        notes = [f"{done.items_per_second:.0f} items/s"]
+        if done.kept_shards:
+            notes.append(f"{done.kept_shards} shards kept from the interrupted run")
+        if done.skipped:
+            notes.append(f"{len(done.skipped)} skipped, listed in {Path(out_dir) / REPORT_NAME}")
+        print(f"{out_dir}: {counts}, {len(shards.urls)} shards, {shards.num_classes} classes ({'; '.join(notes)})")
+        for item in done.skipped:
+            print(f"  skipped: {item.reason}")
         written.append(shards)
+        skipped += done.skipped
+    if args.strict and skipped:
+        raise DataError(f"--strict: {len(skipped)} item(s) could not be decoded and were skipped (listed above)")
     return written
 
 

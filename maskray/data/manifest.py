@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 
+from maskray import storage
 from maskray.errors import DataError
 
 MANIFEST_NAME = "manifest.parquet"
@@ -52,7 +54,7 @@ MANIFEST_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class ShardSet:
-    """A resolved shard directory: absolute tar paths (sorted) and their sample counts."""
+    """A resolved shard directory: absolute tar paths or URIs (sorted) and their sample counts."""
 
     root: str
     urls: tuple[str, ...]
@@ -85,45 +87,53 @@ def write_manifest(
 
 
 def read_manifest(directory: str | os.PathLike, key: str = "data.shards") -> pa.Table:
-    """Read ``directory/manifest.parquet``; ``key`` names the config key in error messages."""
-    path = os.path.join(directory, MANIFEST_NAME)
-    if not os.path.isfile(path):
+    """Read ``directory/manifest.parquet`` (a local path or a filesystem URI); ``key`` names the config key in
+    error messages."""
+    location = storage.join(storage.absolute(directory), MANIFEST_NAME)
+    if not storage.is_file(location):
         raise DataError(f"{key}: '{directory}' has no {MANIFEST_NAME} (write shards with launch/make_shards.py)")
+    filesystem, path = storage.resolve(location)
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, filesystem=filesystem)
     except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"{key}: cannot read '{path}': {_first_line(exc)}") from exc
+        raise DataError(f"{key}: cannot read '{location}': {_first_line(exc)}") from exc
     if "frames" not in table.column_names:  # written before clips existed: one image per sample
         table = table.append_column(pa.field("frames", pa.int64()), pa.array([1] * table.num_rows, pa.int64()))
     missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
     if missing:
-        raise DataError(f"{key}: '{path}' lacks the column(s) {', '.join(missing)}")
+        raise DataError(f"{key}: '{location}' lacks the column(s) {', '.join(missing)}")
     return table
 
 
 def resolve_shards(spec: str, key: str = "data.shards") -> ShardSet:
-    """Resolve a shard directory ``spec`` into a :class:`ShardSet`, checking that every listed tar exists.
+    """Resolve a shard directory ``spec`` (a local path or a filesystem URI such as ``s3://bucket/demo/train``,
+    see :mod:`maskray.storage`) into a :class:`ShardSet`, checking that every listed tar exists.
 
     ``key`` names the config key (``data.shards``, ``eval.train_shards``, ...) in the one-line DataErrors.
     """
-    root = os.path.abspath(os.path.expanduser(spec))
-    if not os.path.exists(root):
+    root = storage.absolute(spec)
+    try:
+        kind = storage.file_type(root)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{key}: cannot reach '{spec}': {_first_line(exc)}") from None
+    if kind == FileType.NotFound:
         raise DataError(f"{key}: directory '{spec}' does not exist")
-    if not os.path.isdir(root):
+    if kind != FileType.Directory:
         raise DataError(f"{key}: '{spec}' is not a directory")
     table = read_manifest(root, key)
     if table.num_rows == 0:
         raise DataError(f"{key}: '{spec}' is empty (0 samples)")
     counts = pc.value_counts(table["shard"]).to_pylist()
     sizes = dict(sorted((row["values"], row["counts"]) for row in counts))
+    present = set(storage.list_dir(root))  # one listing, not one request per shard on object storage
     for name in sizes:
-        if not os.path.isfile(os.path.join(root, name)):
-            raise DataError(f"{key}: shard '{name}' listed in {os.path.join(spec, MANIFEST_NAME)} is missing")
+        if name not in present:
+            raise DataError(f"{key}: shard '{name}' listed in {storage.join(spec, MANIFEST_NAME)} is missing")
     metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     class_names = tuple(json.loads(metadata.get("class_names", "[]")))
     return ShardSet(
         root=root,
-        urls=tuple(os.path.join(root, name) for name in sizes),
+        urls=tuple(storage.join(root, name) for name in sizes),
         shard_sizes=tuple(sizes.values()),
         num_samples=table.num_rows,
         num_classes=int(metadata.get("num_classes", len(class_names))),

@@ -37,6 +37,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from maskray import storage
 from maskray.data.manifest import ShardSet
 from maskray.data.sample import DecodedSample
 from maskray.errors import DataError
@@ -202,7 +203,7 @@ def _read_tars(shards: Iterable[tuple[str, int]]) -> Iterator[dict | _Skipped]:
     for url, expected in shards:
         read, error = 0, ""
         try:
-            with open(url, "rb") as stream:
+            with storage.open_input(url) as stream:  # a local file or an object-store stream
                 for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
                     read += 1
                     yield sample

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -96,47 +97,82 @@ def write_shards(
 
     With ``overwrite`` the old shards and manifest of ``out_dir`` are removed first (other files stay).
     ``total`` only sizes the progress bar. ``num_classes`` is ``len(class_names)`` when names are
-    given, else ``max(label) + 1`` (0 when no sample is labelled).
+    given, else ``max(label) + 1`` (0 when no sample is labelled). A parallel, resumable conversion of a
+    :class:`~maskray.data.sources.Source` that skips undecodable items is :func:`maskray.data.convert.convert`.
     """
     if samples_per_shard < 1:
         raise DataError(f"OUT: samples per shard must be >= 1, got {samples_per_shard}")
+    out = prepare_out_dir(out_dir, overwrite)
+    columns = empty_columns()
+    seen: set[str] = set()
+    stream = iter(tqdm(samples, total=total, desc=f"writing {out_dir}", unit="sample", disable=not progress))
+    for index in itertools.count():
+        chunk = list(itertools.islice(stream, samples_per_shard))
+        if not chunk:
+            break
+        extend_columns(columns, write_tar(chunk, out / SHARD_TEMPLATE.format(index), len(class_names), seen))
+    return finish_shards(out, columns, class_names, source)
+
+
+def empty_columns() -> dict[str, list]:
+    return {name: [] for name in MANIFEST_SCHEMA.names}
+
+
+def extend_columns(columns: dict[str, list], more: dict[str, list]) -> None:
+    for name, values in more.items():
+        columns[name].extend(values)
+
+
+def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Check ``out_dir`` (:func:`check_out_dir`), remove old shards and manifest with ``overwrite`` (other files
+    stay), create it."""
     check_out_dir(out_dir, overwrite)
     out = Path(out_dir)
     for old in [*out.glob(SHARD_GLOB), out / MANIFEST_NAME]:
         old.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    return out
 
-    columns: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
-    seen: set[str] = set()
-    writer = None
+
+def write_tar(samples: Iterable[Sample], path: Path, num_names: int, seen: set[str]) -> dict[str, list]:
+    """Write ``samples`` into the tar ``path`` (under a temporary name, renamed once complete, so a tar with its
+    final name is always whole) and return their manifest columns. ``seen`` collects keys (duplicates are
+    refused); ``num_names`` bounds labels when > 0. Writes nothing for no samples."""
+    columns = empty_columns()
+    partial = path.with_name(path.name + ".partial")
     try:
-        for sample in tqdm(samples, total=total, desc=f"writing {out_dir}", unit="sample", disable=not progress):
-            _check_sample(sample, seen, len(class_names))
-            if len(columns["key"]) % samples_per_shard == 0:
-                if writer is not None:
-                    writer.close()
-                shard = SHARD_TEMPLATE.format(len(columns["key"]) // samples_per_shard)
-                writer = wds.TarWriter(str(out / shard), encoder=False, mtime=_TAR_MTIME)
-            record = {"__key__": sample.key, **sample.members}
-            if sample.label is not None:
-                record["cls"] = str(sample.label).encode("ascii")
-            writer.write(record)
-            seen.add(sample.key)
-            columns["shard"].append(shard)
-            columns["key"].append(sample.key)
-            columns["label"].append(-1 if sample.label is None else sample.label)
-            digest = hashlib.sha256()
-            for name in sorted(sample.members):
-                digest.update(sample.members[name])
-            columns["nbytes"].append(sum(len(data) for data in sample.members.values()))
-            columns["sha256"].append(digest.hexdigest())
-            columns["frames"].append(sample.frames)
+        with open(partial, "wb") as stream:
+            writer = wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME)
+            try:
+                for sample in samples:
+                    _check_sample(sample, seen, num_names)
+                    record = {"__key__": sample.key, **sample.members}
+                    if sample.label is not None:
+                        record["cls"] = str(sample.label).encode("ascii")
+                    writer.write(record)
+                    seen.add(sample.key)
+                    digest = hashlib.sha256()
+                    for name in sorted(sample.members):
+                        digest.update(sample.members[name])
+                    columns["shard"].append(path.name)
+                    columns["key"].append(sample.key)
+                    columns["label"].append(-1 if sample.label is None else sample.label)
+                    columns["nbytes"].append(sum(len(data) for data in sample.members.values()))
+                    columns["sha256"].append(digest.hexdigest())
+                    columns["frames"].append(sample.frames)
+            finally:
+                writer.close()
+        if columns["key"]:
+            os.replace(partial, path)
     finally:
-        if writer is not None:
-            writer.close()
-    if not seen:
-        raise DataError(f"OUT: no samples to write to '{out_dir}'")
+        partial.unlink(missing_ok=True)
+    return columns
 
+
+def finish_shards(out: Path, columns: dict[str, list], class_names: Sequence[str], source: str) -> ShardSet:
+    """Write the manifest of the tars in ``out`` from their ``columns`` and resolve the directory."""
+    if not columns["key"]:
+        raise DataError(f"OUT: no samples to write to '{out}'")
     num_classes = len(class_names) or max(columns["label"]) + 1
     write_manifest(out, columns, num_classes=num_classes, class_names=class_names, source=source)
     return resolve_shards(str(out), key="OUT")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -23,8 +22,10 @@ from maskray.errors import ConfigError, DataError
 from maskray.eval.protocol import eval_shard_sets
 from maskray.models import build_encoder, load_pretrained
 from maskray.objective import objective_teacher_specs
+from maskray.ray_env import ensure_ray
+from maskray.storage import make_dirs, resolve
 from maskray.teacher_sources import teacher_run_record
-from maskray.tracking import find_or_create_run, finish_run, run_url_hint
+from maskray.tracking import check_server, find_or_create_run, finish_run, run_url_hint
 
 
 @dataclass
@@ -80,6 +81,17 @@ def run_record(config: Config) -> tuple[dict[str, Any], dict[str, str]]:
     return params, tags
 
 
+def storage_location(location: str):
+    """``tracking.storage_path`` (a local path or a filesystem URI) as Ray Train's ``(storage_filesystem,
+    storage_path)``, created if missing; a store that cannot be reached or created is a ConfigError."""
+    try:
+        make_dirs(location)
+        return resolve(location)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"tracking.storage_path: cannot use '{location}': {first}") from None
+
+
 def _scaling(config: Config, workers: int):
     import ray
     from ray.train import ScalingConfig
@@ -104,7 +116,6 @@ def run_pretraining(
     ``tags`` are added to a new run's tags (a sweep's trial: its parent run and sweep name). Attaches to a
     running Ray (a Tune trial, a cluster job) or starts a local one.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -115,14 +126,13 @@ def run_pretraining(
     validate_inputs(config)
     run_name = run_name or default_run_name(config)
     tracking_uri = config.tracking.resolved_uri()
+    check_server(tracking_uri)
+    storage_filesystem, storage_path = storage_location(config.tracking.storage_path)
     run_id, resumed = find_or_create_run(
         tracking_uri, config.tracking.experiment, run_name, params, {**run_tags, **(tags or {})}
     )
-    storage = Path(config.tracking.storage_path)
-    storage.mkdir(parents=True, exist_ok=True)
 
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}}, log_to_driver=True)
+    ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -134,7 +144,8 @@ def run_pretraining(
         scaling_config=_scaling(config, config.scaling.workers),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.scaling.checkpoints_to_keep),
         ),

@@ -29,8 +29,9 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from maskray.config import Config, load_config
-from maskray.engine.driver import run_pretraining, validate_inputs
+from maskray.engine.driver import run_pretraining, storage_location, validate_inputs
 from maskray.errors import ConfigError, MaskrayError
+from maskray.ray_env import ensure_ray
 from maskray.tracking import find_or_create_run, finish_run
 from maskray.tracking.compare import KIND_TAG, PARENT_TAG, SWEEP_TAG, compare_runs, comparison_figure, format_table
 from maskray.tracking.mlflow_run import find_run
@@ -186,11 +187,11 @@ def run_sweep(
     from ray import tune
 
     uri = base.tracking.resolved_uri()
+    filesystem, storage_path = storage_location(base.tracking.storage_path)
     parent_run_id = _create_parent(base, trials, grid, sweep)
     ok = False
     try:
-        if not ray.is_initialized():
-            ray.init(runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}}, log_to_driver=True)
+        ensure_ray()
         configs = [Config.model_validate(trial.config) for trial in trials]
         concurrency = max_concurrent or default_concurrency(configs, ray.cluster_resources())
         trainable = tune.with_parameters(_run_trial, trials=trials, parent_run_id=parent_run_id, sweep=sweep)
@@ -198,7 +199,7 @@ def run_sweep(
             tune.with_resources(trainable, TRIAL_RESOURCES),
             param_space={"trial": tune.grid_search([trial.index for trial in trials])},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=sweep, storage_path=base.tracking.storage_path, verbose=0),
+            run_config=tune.RunConfig(name=sweep, storage_path=storage_path, storage_filesystem=filesystem, verbose=0),
         )
         errors = {result.config["trial"]: result.error for result in tuner.fit()}
         failed = [(trial, _reason(errors[trial.index])) for trial in trials if errors.get(trial.index)]

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from maskray import storage
 from maskray.checkpoint import ENCODER_FILE, load_encoder, read_checkpoint_config
 from maskray.config import DataConfig
 from maskray.data import MANIFEST_NAME, ImageTransform, ShardSet, Views, build_loader, resolve_shards
@@ -59,7 +60,7 @@ class EncoderSource:
     weights file), the eval transform for it and what the output records about it (``info``)."""
 
     kind: str
-    path: Path
+    path: str | Path  # a checkpoint directory (local path or URI) or a weights file
     arch: str
     transform: ImageTransform
     info: dict[str, Any]
@@ -107,7 +108,7 @@ def resolve_encoder(
         config = read_checkpoint_config(target.checkpoint)
         info = {"kind": "run" if run_id else "checkpoint", "run_id": target.run_id,
                 "checkpoint": str(target.checkpoint), "step": target.step,
-                "sha256": file_sha256(target.checkpoint / ENCODER_FILE)}
+                "sha256": file_sha256(storage.join(target.checkpoint, ENCODER_FILE))}
         transform = ImageTransform.for_eval(config.model, config.data)
         return EncoderSource(info["kind"], target.checkpoint, config.model.arch, transform, info)
     path = Path(weights).expanduser().resolve()

@@ -27,23 +27,23 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
 
+from maskray import storage
 from maskray.checkpoint import (
-    ENCODER_FILE,
     checkpoint_step,
     encoder_from_state,
     latest_checkpoint,
     read_checkpoint_config,
+    read_encoder_state,
 )
 from maskray.config import Config, TrackingConfig
 from maskray.data import ImageTransform, ShardSet, Views, build_loader, resolve_shards
@@ -53,6 +53,7 @@ from maskray.eval.finetune import FinetuneConfig, finetune
 from maskray.eval.linear_probe import LinearProbeConfig, probe_metrics
 from maskray.eval.protocol import eval_shard_sets, knn_metrics, num_classes, split_features
 from maskray.models import MaskedViT, build_initial_encoder
+from maskray.ray_env import ensure_ray
 from maskray.tracking import RunLogger, find_or_create_run
 from maskray.tracking.compare import check_store, store_exists
 from maskray.tracking.mlflow_run import RUN_NAME_TAG, find_run
@@ -69,7 +70,7 @@ T = TypeVar("T")
 class EvalTarget:
     """A checkpoint directory, the optimizer step it was saved at, and the MLflow run it belongs to."""
 
-    checkpoint: Path
+    checkpoint: str  # a local path or a filesystem URI
     step: int
     tracking_uri: str
     run_id: str | None
@@ -100,7 +101,7 @@ class EvalOutput:
 def resolve_target(
     tracking_uri: str | None = None,
     run_id: str | None = None,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | os.PathLike | None = None,
     create_run: bool = True,
 ) -> EvalTarget:
     """Resolve ``run_id`` and/or ``checkpoint`` into an :class:`EvalTarget` (see the module docstring).
@@ -112,13 +113,13 @@ def resolve_target(
     if run_id is None and checkpoint is None:
         raise ConfigError("give --run-id or --checkpoint")
     if run_id is None:
-        path = Path(checkpoint).expanduser().resolve()
+        path = storage.absolute(checkpoint)
         config = read_checkpoint_config(path)
         uri = tracking_uri or config.tracking.resolved_uri()
         if not create_run and not store_exists(uri):
             return EvalTarget(path, checkpoint_step(path) or 0, uri, None)
         client = MlflowClient(uri)
-        run_name = path.parent.name
+        run_name = storage.name(storage.parent(path))
         run_id = find_run(client, config.tracking.experiment, run_name)
         if run_id is None and create_run:
             run_id, _ = find_or_create_run(uri, config.tracking.experiment, run_name, config.flat(), config.run_tags())
@@ -133,20 +134,20 @@ def resolve_target(
     except MlflowException:
         raise ConfigError(f"--run-id: run '{run_id}' not found in {uri}") from None
     if checkpoint is not None:
-        path = Path(checkpoint).expanduser().resolve()
+        path = storage.absolute(checkpoint)
         read_checkpoint_config(path)
     else:
-        storage = run.data.params.get("tracking.storage_path")
+        storage_path = run.data.params.get("tracking.storage_path")
         run_name = run.data.tags.get(RUN_NAME_TAG)
-        if storage is None or run_name is None:
+        if storage_path is None or run_name is None:
             raise ConfigError(
                 f"--run-id: run '{run_id}' has no param tracking.storage_path or tag {RUN_NAME_TAG}; pass --checkpoint"
             )
-        path = latest_checkpoint(Path(storage).expanduser().resolve() / run_name)
+        path = latest_checkpoint(storage.join(storage.absolute(storage_path), run_name))
     return EvalTarget(path, _step(path, client, run_id), uri, run_id)
 
 
-def _step(checkpoint: Path, client: MlflowClient, run_id: str | None) -> int:
+def _step(checkpoint: str, client: MlflowClient, run_id: str | None) -> int:
     """The checkpoint's step, else the run's last ``loss`` step, else 0."""
     step = checkpoint_step(checkpoint)
     if step is not None:
@@ -204,7 +205,7 @@ def evaluate_checkpoint(
 ) -> EvalOutput:
     """The Ray task body: load the encoder, run the evaluations in ``settings.kinds`` (inputs already validated)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = encoder_from_state(config, load_file(str(Path(checkpoint) / ENCODER_FILE))).to(device)
+    encoder = encoder_from_state(config, read_encoder_state(checkpoint)).to(device)
     metrics: dict[str, dict[str, float]] = {}
     random_init: dict[str, dict[str, float]] = {}
     diagnostics = None
@@ -323,8 +324,7 @@ def run_as_task(function: Callable[..., T], *args: Any) -> T:
     import ray
     from ray.exceptions import RayTaskError
 
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}}, log_to_driver=True)
+    ensure_ray()
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(function)
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import pickle
 import re
 from collections.abc import Callable
@@ -37,15 +38,16 @@ from timm.layers import resample_abs_pos_embed
 
 from maskray.errors import ConfigError
 from maskray.models.vit import MaskedViT
+from maskray.storage import open_input
 
 KEY = "model.init_from"
 StateDict = dict[str, torch.Tensor]
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes (a local path or a filesystem URI, :mod:`maskray.storage`)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_input(os.fspath(path)) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

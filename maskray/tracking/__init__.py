@@ -3,6 +3,7 @@
 from maskray.tracking.mlflow_run import (
     RunLogger,
     artifact_root_for,
+    check_server,
     ensure_experiment,
     find_or_create_run,
     finish_run,
@@ -12,6 +13,7 @@ from maskray.tracking.mlflow_run import (
 __all__ = [
     "RunLogger",
     "artifact_root_for",
+    "check_server",
     "ensure_experiment",
     "find_or_create_run",
     "finish_run",

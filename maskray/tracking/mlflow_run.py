@@ -12,12 +12,16 @@ import io
 import os
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from maskray.errors import ConfigError
 
 RUN_NAME_TAG = "maskray.run_name"
 _MAX_BATCH = 900  # MLflow accepts at most 1000 entities per log_batch
@@ -29,6 +33,24 @@ def artifact_root_for(tracking_uri: str) -> str | None:
         database = Path(tracking_uri[len("sqlite:///") :])
         return (database.parent / "mlartifacts").resolve().as_uri()
     return None
+
+
+def check_server(tracking_uri: str, timeout: float = 5.0) -> None:
+    """For an ``http(s)://`` tracking URI, a ConfigError when nothing answers at ``<uri>/health`` within
+    ``timeout`` seconds (MlflowClient would otherwise retry for minutes); other stores are not checked. Any
+    HTTP answer, an error status included (a proxy asking for credentials), counts as reachable."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"tracking.uri: no MLflow server answers at {tracking_uri} ({reason}); start it or point tracking.uri "
+            "/ MLFLOW_TRACKING_URI at a running one"
+        ) from None
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:

@@ -1,0 +1,131 @@
+"""Local paths and filesystem URIs in one place: every path maskray reads or writes outside a worker's
+temporary directory (``tracking.storage_path``, checkpoints, ``data.shards``) goes through :func:`resolve`.
+
+A location is a local path (``runs``, ``/data/demo``, ``~/x``, ``file:///x``) or a URI of a filesystem:
+``s3://bucket/prefix`` and ``gs://bucket/prefix`` (pyarrow's own S3 and GCS filesystems; HDFS and ``abfs://`` as
+well), or any other scheme fsspec knows (``memory://``, ``az://``, ... through the fsspec package that implements
+it), wrapped as a pyarrow filesystem so that Ray Train's ``RunConfig(storage_filesystem=...)`` takes it too.
+
+Credentials and endpoints come from the environment, as each library reads them (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...);
+:func:`credential_env` collects the ones set, for a Ray runtime env, and nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+# Environment variables the S3 / GCS / Azure clients read, forwarded to Ray workers (by prefix or name).
+CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_")
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` other than ``file://``."""
+    text = os.fspath(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """A URI unchanged (without a trailing ``/``); a local path (or ``file://`` URI) made absolute."""
+    text = os.fspath(location)
+    if is_uri(text):
+        return text.rstrip("/")
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or a filesystem URI (see the module docstring).
+
+    Raises ValueError for a URI whose scheme neither pyarrow nor an installed fsspec package handles.
+    """
+    text = absolute(location)
+    if not is_uri(text):
+        return pafs.LocalFileSystem(), text
+    try:
+        return pafs.FileSystem.from_uri(text)
+    except pa.ArrowInvalid:  # not one of pyarrow's own filesystems
+        pass
+    import fsspec
+
+    try:
+        filesystem, path = fsspec.core.url_to_fs(text)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"no filesystem for '{text}': {exc}") from exc
+    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), path
+
+
+def join(location: str, *parts: str) -> str:
+    """``location/part/...`` for a local path or a URI."""
+    return posixpath.join(location, *parts) if is_uri(location) else os.path.join(location, *parts)
+
+
+def name(location: str) -> str:
+    """The last component (``checkpoint_000001`` of ``s3://b/runs/r/checkpoint_000001``)."""
+    return posixpath.basename(location.rstrip("/")) if is_uri(location) else os.path.basename(location)
+
+
+def parent(location: str) -> str:
+    return posixpath.dirname(location.rstrip("/")) if is_uri(location) else os.path.dirname(location)
+
+
+def file_type(location: str) -> pafs.FileType:
+    filesystem, path = resolve(location)
+    return filesystem.get_file_info(path).type
+
+
+def is_file(location: str) -> bool:
+    return file_type(location) == pafs.FileType.File
+
+
+def is_dir(location: str) -> bool:
+    return file_type(location) == pafs.FileType.Directory
+
+
+def list_dir(location: str) -> list[str]:
+    """The names directly inside a directory (sorted; empty when it does not exist)."""
+    filesystem, path = resolve(location)
+    infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(posixpath.basename(info.path.rstrip("/")) for info in infos)
+
+
+@contextmanager
+def open_input(location: str) -> Iterator[BinaryIO]:
+    """A readable binary stream (a plain ``open`` for a local path)."""
+    if not is_uri(location):
+        with open(absolute(location), "rb") as stream:
+            yield stream
+        return
+    filesystem, path = resolve(location)
+    with filesystem.open_input_stream(path) as stream:
+        yield stream
+
+
+def read_bytes(location: str) -> bytes:
+    with open_input(location) as stream:
+        return stream.read()
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def make_dirs(location: str) -> None:
+    """Create a directory and its parents (a no-op where the store has no directories, e.g. an S3 prefix)."""
+    filesystem, path = resolve(location)
+    filesystem.create_dir(path, recursive=True)
+
+
+def credential_env(environ: os._Environ | dict[str, str] | None = None) -> dict[str, str]:
+    """The storage credential and endpoint variables that are set (``AWS_*``, ``GOOGLE_*``, ``GCS_*``,
+    ``AZURE_*``), to pass to Ray workers in a runtime env so they reach the same store as the driver."""
+    environ = os.environ if environ is None else environ
+    return {key: value for key, value in environ.items() if key.startswith(CREDENTIAL_PREFIXES)}
