@@ -1,9 +1,11 @@
-"""Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), and running a launcher."""
+"""Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), running a launcher, and two gloo
+processes."""
 
 from __future__ import annotations
 
 import io
 import runpy
+import socket
 import sys
 from pathlib import Path
 
@@ -39,3 +41,16 @@ def launch(script: str, *args: str) -> int:
     finally:
         sys.argv = argv
     return 0
+
+
+def spawn_two(worker) -> dict:
+    """Run ``worker(rank, port, results)`` in two spawned processes (a module-level function that starts a gloo
+    group of 2 on ``tcp://127.0.0.1:<port>``); returns ``results``, the dict the workers fill, by rank."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(port, results), nprocs=2, join=True)
+    return dict(results)

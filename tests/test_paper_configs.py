@@ -5,6 +5,7 @@ Steps come from epochs with the reference loaders' drop_last: ``epochs * floor(1
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ def steps(epochs: float, batch: int) -> int:
 # file: (global batch, learning rate, optimizer steps, warm-up steps, objective name) from the paper
 PAPER = {
     "mae.yaml": (4096, 1.5e-4 * 4096 / 256, steps(1600, 4096), steps(40, 4096), "mae"),
+    "mae_lut.yaml": (4096, 1.5e-4 * math.sqrt(4096) / 4, steps(1600, 4096), steps(40, 4096), "mae_lut"),
 }
 
 
