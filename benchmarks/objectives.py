@@ -66,7 +66,7 @@ def benchmark(config: Path, args: argparse.Namespace, uri: str) -> dict:
         "steps": int(run.data.params.get("train.steps", 0)),
         "knn_top1": metrics.get("knn_top1"),
         "knn_top1_random_init": metrics.get("knn_top1_random_init"),
-        "linear_probe_top1": metrics.get("linear_probe_top1"),
+        "linear_probe_top1": metrics.get("linear_top1"),
         "images_per_s": statistics.median(speeds) if speeds else None,
         "wall_s": round(wall, 1),
         "loss": metrics.get("loss"),
@@ -76,6 +76,15 @@ def benchmark(config: Path, args: argparse.Namespace, uri: str) -> dict:
     if row["knn_top1"] is not None and row["knn_top1_random_init"] is not None:
         row["knn_gain"] = row["knn_top1"] - row["knn_top1_random_init"]
     (args.out / f"{name}.json").write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def with_probe(row: dict, uri: str) -> dict:
+    """``row`` with its linear-probe top-1 read from its MLflow run when the row has none (evaluated later)."""
+    if row.get("linear_probe_top1") is None:
+        from mlflow.tracking import MlflowClient
+
+        row["linear_probe_top1"] = MlflowClient(uri).get_run(row["run_id"]).data.metrics.get("linear_top1")
     return row
 
 
@@ -119,7 +128,7 @@ def main() -> int:
             row = benchmark(config, args, uri)
             print(f"{row['config']}: k-NN {row['knn_top1']} (random init {row['knn_top1_random_init']}), "
                   f"linear probe {row['linear_probe_top1']}, {row['wall_s']} s", flush=True)
-    rows = [json.loads(path.read_text()) for path in sorted(args.out.glob("*.json"))]
+    rows = [with_probe(json.loads(path.read_text()), uri) for path in sorted(args.out.glob("*.json"))]
     print(table(rows))
     if rows and not args.table_only:
         subprocess.run([sys.executable, str(REPO / "launch" / "compare.py"), "--experiment", EXPERIMENT,
