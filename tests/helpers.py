@@ -1,5 +1,6 @@
-"""Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), running a launcher, a free local
-port, copying a directory to a filesystem URI, a local S3-compatible server."""
+"""Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), running a launcher, demo digits
+and a tiny VQ-KD tokenizer, a free local port, copying a directory to a filesystem URI, a local S3-compatible
+server, and two gloo processes."""
 
 from __future__ import annotations
 
@@ -137,3 +138,11 @@ def local_s3(bucket: str) -> Iterator[str]:
             else:
                 os.environ[key] = value
         server.stop()
+def spawn_two(worker) -> dict:
+    """Run ``worker(rank, port, results)`` in two spawned processes (a module-level function that starts a gloo
+    group of 2 on ``tcp://127.0.0.1:<port>``); returns ``results``, the dict the workers fill, by rank."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(free_port(), results), nprocs=2, join=True)
+    return dict(results)

@@ -31,6 +31,7 @@ DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "vqkd.yaml": ("objective.teacher.source=random", "objective.teacher.arch=vit_tiny_patch16_224",
                   "objective.teacher.model_kwargs={patch_size: 4, depth: 1}", "objective.num_codes=32"),
     "beitv2.yaml": (),  # its tokenizer: DEPENDS
+    "mae_lut.yaml": (),
 }
 # config file -> (the demo config whose few-step run it needs, the override naming that run by "{run_id}"). A
 # teacher's run has its checkpoints deleted first: teachers come from the run's kept artifacts.

@@ -5,6 +5,7 @@ Steps come from epochs with the reference loaders' drop_last: ``epochs * floor(1
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ PAPER = {
     "dtm.yaml": (2048, 1.5e-3 * (2048 / 2048) ** 0.5, steps(300, 2048), steps(10, 2048), "dtm"),
     "vqkd.yaml": (512, 5e-5 * 512 / 128, steps(100, 512), steps(10, 512), "vqkd"),
     "beitv2.yaml": (2048, 1.5e-3, steps(1600, 2048), steps(10, 2048), "beitv2"),
+    "mae_lut.yaml": (4096, 1.5e-4 * math.sqrt(4096) / 4, steps(1600, 4096), steps(40, 4096), "mae_lut"),
 }
 
 
