@@ -11,7 +11,7 @@ DEMO_CONFIG := configs/demo/mae.yaml
 $(DEPS_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev,peers,onnx]"
+	$(PY) -m pip install -e ".[dev,peers,onnx,video]"
 	touch $@
 
 # Dependencies once per pyproject change; the editable install is re-pointed at this checkout every time.

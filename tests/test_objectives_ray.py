@@ -21,9 +21,12 @@ STEPS = 3
 
 pytestmark = pytest.mark.slow
 
-# config file -> extra overrides it needs at test size (besides the shards, tracking and step budget)
+# config file -> extra overrides it needs at test size (besides the shards, tracking and step budget);
+# "{demo_clips}" stands for the demo_clip_shards fixture's directory (built only for configs that name it)
+CLIPS = ("data.shards={demo_clips}/clips", "eval.train_shards={demo_clips}/train", "eval.test_shards={demo_clips}/test")
 DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "mae.yaml": (),
+    "tobo.yaml": (*CLIPS, "objective.decoder_depth=1"),
 }
 
 
@@ -35,7 +38,10 @@ def test_every_demo_config_runs_here() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(DEMO_CONFIGS))
-def test_demo_config_runs_a_few_steps(name, ray_session, demo_shards, tmp_path) -> None:
+def test_demo_config_runs_a_few_steps(name, ray_session, demo_shards, tmp_path, request) -> None:
+    extra = DEMO_CONFIGS[name]
+    if any("{demo_clips}" in override for override in extra):
+        extra = tuple(o.format(demo_clips=request.getfixturevalue("demo_clip_shards")) for o in extra)
     config = load_config(REPO / "configs" / "demo" / name, [
         f"data.shards={demo_shards / 'train'}",
         f"eval.train_shards={demo_shards / 'train'}",
@@ -44,7 +50,7 @@ def test_demo_config_runs_a_few_steps(name, ray_session, demo_shards, tmp_path) 
         f"tracking.storage_path={tmp_path / 'runs'}",
         f"train.steps={STEPS}", "train.log_every=1", f"train.checkpoint_every={STEPS}", "optim.warmup_steps=1",
         "data.batch_size=8", "eval.random_init=false", "scaling.workers=2",
-        *DEMO_CONFIGS[name],
+        *extra,
     ])
     result = run_pretraining(config, run_name=f"few-steps-{Path(name).stem}")
     history = MlflowClient(config.tracking.resolved_uri()).get_metric_history(result.run_id, "loss")

@@ -3,6 +3,9 @@ reference CLS plus the target's visible tokens), the loss on removed target patc
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -212,3 +215,23 @@ def test_bad_config_names_the_key():
         validate_objective("tobo", {"decoder_dim": 30, "decoder_heads": 4})
     with pytest.raises(ConfigError, match="objective.max_gap"):
         validate_objective("tobo", {"max_gap": 0})
+
+
+# --- the pair-distance check (benchmarks/pair_distance.py) --------------------------------------------------------
+
+
+def test_pair_distance_triplets_respect_the_gaps_and_the_clip():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from pair_distance import closer_share, sample_triplets
+
+    triplets = sample_triplets([40, 10, 33], (1, 2), (16, 31), 300, np.random.default_rng(0))
+    clips, anchors, near, far = triplets.T
+    assert set(clips) == {0, 2}  # clip 1 is too short for a gap of 31
+    assert ((near - anchors >= 1) & (near - anchors <= 2)).all()
+    assert ((far - anchors >= 16) & (far - anchors <= 31)).all()
+    assert (far < np.array([40, 10, 33])[clips]).all()
+    with pytest.raises(ValueError, match="small gaps"):
+        sample_triplets([40], (1, 20), (16, 31), 3, np.random.default_rng(0))
+    anchor = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    share = closer_share(anchor, torch.tensor([[1.0, 0.1], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    assert share["closer"] == 0.5 and share["sim_far"] == pytest.approx(0.5)

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--clips",
         action="store_true",
         help="SOURCE is a folder of clips: every directory directly holding images is one clip (frames sorted by "
-        "name); clips in SOURCE/<class>/<clip>/ are labelled by class",
+        "name) and every video file (mp4, webm, ogv, avi, mkv, mov, m4v, gif; needs PyAV: pip install "
+        "'maskray[video]') is one clip; clips in SOURCE/<class>/<clip>/ or SOURCE/<class>/<video> are labelled by "
+        "class",
     )
     parser.add_argument(
         "--clip-format",
