@@ -81,3 +81,18 @@ def test_missing_pyav_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch
 def test_clip_options_need_clips(tmp_path, capsys):
     assert make_shards_main(["demo", str(tmp_path / "out"), "--frame-step", "2"]) == 2
     assert "--frame-step applies only with --clips" in capsys.readouterr().err
+
+
+def test_frame_folders_take_the_same_step_size_and_length_options(tmp_path):
+    from helpers import png_bytes
+
+    folder = tmp_path / "clips" / "walk"
+    folder.mkdir(parents=True)
+    for t in range(9):
+        (folder / f"f{t}.png").write_bytes(png_bytes(np.full((HEIGHT, WIDTH), _level(t), dtype=np.uint8)))
+    argv = [str(tmp_path / "clips"), str(tmp_path / "out"), "--clips", "--frame-step", "3", "--frame-size", "8",
+            "--clip-length", "2"]
+    assert make_shards_main(argv) == 0
+    (key, (clip, label)), = _clips(tmp_path / "out").items()  # kept frames 0, 3, 6: one piece of 2, tail dropped
+    assert key == "walk_s0000" and label == -1
+    assert clip.shape == (2, 8, 12, 1) and clip[:, 4, 6, 0].tolist() == [_level(0), _level(3)]
