@@ -7,11 +7,11 @@ For ``--triplets`` random (clip, anchor frame t) draws from the clip shards in `
 for the largest gap), a *near* frame ``t + g`` with g uniform in ``--small`` and a *far* frame ``t + G`` with G
 uniform in ``--large`` (inclusive ranges) are embedded with the run's eval transform (resize, center crop,
 normalise). Reported per feature (``cls``: the CLS token, ``mean``: mean-pooled patch tokens) and per encoder
-(the run's final checkpoint, the same architecture at random init with the run's seed, raw pixels): the mean
-cosine similarity of near pairs and of far pairs, and ``closer``: the share of triplets whose near pair is more
-similar than its far pair (0.5 = no temporal signal). ``--log-figure`` also logs the run's loss curves (``loss``
-and every ``loss_*`` part) as ``pair_distance/loss_curves.png`` to the run. The last line printed is one JSON
-object.
+(the run's final checkpoint, the same architecture at random init with the run's seed, raw pixels), on features
+centred by their mean over all embedded frames: the mean cosine similarity of near pairs and of far pairs, and
+``closer``: the share of triplets whose near pair is more similar than its far pair (0.5 = no temporal signal).
+``--log-figure`` also logs the run's loss curves (``loss`` and every ``loss_*`` part) as
+``pair_distance/loss_curves.png`` to the run. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -55,6 +55,13 @@ def closer_share(anchor: torch.Tensor, near: torch.Tensor, far: torch.Tensor) ->
     sim_far = F.cosine_similarity(anchor, far, dim=1)
     return {"sim_near": sim_near.mean().item(), "sim_far": sim_far.mean().item(),
             "closer": (sim_near > sim_far).float().mean().item()}
+
+
+def centered(*features: torch.Tensor) -> list[torch.Tensor]:
+    """The feature sets (N, D) minus their joint mean row: cosine similarities then measure how frames differ, not
+    the component every frame of a (static-camera) video shares."""
+    mean = torch.cat(features).mean(dim=0, keepdim=True)
+    return [feature - mean for feature in features]
 
 
 def _clips(directory: str) -> list[np.ndarray]:
@@ -122,11 +129,11 @@ def main() -> int:
     images = [torch.stack([frame(row[0], row[column]) for row in triplets]) for column in (1, 2, 3)]
     results: dict[str, dict[str, float]] = {}
     raw = [image.flatten(1) for image in images]
-    results["pixels"] = closer_share(*raw)
+    results["pixels"] = closer_share(*centered(*raw))
     for arm, encoder in (("pretrained", trained), ("random_init", random_init)):
         features = [_features(encoder, image) for image in images]
         for name in features[0]:
-            results[f"{arm}/{name}"] = closer_share(*(f[name] for f in features))
+            results[f"{arm}/{name}"] = closer_share(*centered(*(f[name] for f in features)))
     print(f"{len(triplets)} triplets from {len(clips)} clips of {args.clips}: near gaps {args.small}, far gaps "
           f"{args.large} (run {target.run_id}, step {target.step})")
     for key, value in results.items():

@@ -222,7 +222,7 @@ def test_bad_config_names_the_key():
 
 def test_pair_distance_triplets_respect_the_gaps_and_the_clip():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from pair_distance import closer_share, sample_triplets
+    from pair_distance import centered, closer_share, sample_triplets
 
     triplets = sample_triplets([40, 10, 33], (1, 2), (16, 31), 300, np.random.default_rng(0))
     clips, anchors, near, far = triplets.T
@@ -235,3 +235,5 @@ def test_pair_distance_triplets_respect_the_gaps_and_the_clip():
     anchor = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     share = closer_share(anchor, torch.tensor([[1.0, 0.1], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
     assert share["closer"] == 0.5 and share["sim_far"] == pytest.approx(0.5)
+    shifted = centered(anchor + 5.0, anchor + 5.0)
+    assert torch.allclose(torch.cat(shifted), torch.zeros(4, 2))
