@@ -65,7 +65,7 @@ def test_moving_digit_clips_are_deterministic_moving_and_inside_the_canvas():
     digit = np.full((8, 8), 200, dtype=np.uint8)
     clip = moving_digit_clip(digit, seed=3)
     assert clip.shape == (8, 32, 32) and np.array_equal(clip, moving_digit_clip(digit, seed=3))
-    assert all((frame > 0).sum() == 16 * 16 for frame in clip)  # the whole 16x16 sprite in every frame
+    assert all((frame > 0).sum() == 24 * 24 for frame in clip)  # the whole 24x24 sprite in every frame
     corners = [tuple(np.argwhere(frame > 0).min(axis=0)) for frame in clip]
     steps = [np.abs(np.subtract(b, a)) for a, b in zip(corners, corners[1:], strict=False)]
     assert all(step.max() in (1, 2) for step in steps)  # it moves 1..2 pixels per frame

@@ -271,7 +271,7 @@ def demo(split: str, mode: str = "keep") -> Source:
     return Source(description, all_labels[index], tuple(str(c) for c in range(10)), load)
 
 
-DEMO_CLIP_FRAMES, DEMO_CLIP_CANVAS, DEMO_CLIP_DIGIT = 8, 32, 16
+DEMO_CLIP_FRAMES, DEMO_CLIP_CANVAS, DEMO_CLIP_DIGIT = 8, 32, 24
 
 
 def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
