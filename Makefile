@@ -12,7 +12,7 @@ DTM_TEACHER := runs/teachers/mae_demo.safetensors
 $(DEPS_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev,peers,onnx,clip,s3]"
+	$(PY) -m pip install -e ".[dev,peers,onnx,clip,s3,video]"
 	touch $@
 
 # Dependencies once per pyproject change; the editable install is re-pointed at this checkout every time.

@@ -2,7 +2,9 @@
 distinct pass once per micro-batch and hands the outputs to the objective (or to every part of a composite).
 
 A view is a path into the batch: ``"image"``, ``"views.1"`` (item 1 of the list ``batch["views"]``),
-``"anchors.focal.0"``. Masks (spec ``objectives.md`` section 1.2):
+``"anchors.focal.0"``, ``"frames.1"`` (frame 1 of a stacked (B, T, C, H, W) tensor such as a
+:class:`~maskray.data.views.FramePair`: an index into a tensor picks along dim 1, the batch dim stays).
+Masks (spec ``objectives.md`` section 1.2):
 
 - ``MaskSpec("random", ratio=r)``: MAE's per-sample noise ranking, the noise drawn from the rank's step generator.
   Random masks with the same ``noise`` name (on views with the same patch count) share one draw; ``chunk=c`` keeps
@@ -74,11 +76,17 @@ class PassOutput:
 
 
 def select(batch: dict[str, Any], path: str) -> Any:
-    """The batch entry at a dotted path (dict keys and list indices), KeyError naming the path if absent."""
+    """The batch entry at a dotted path (dict keys, list indices, and indices along dim 1 of a batched tensor),
+    KeyError naming the path if absent."""
     node: Any = batch
     for part in path.split("."):
         try:
-            node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
+            if isinstance(node, torch.Tensor):
+                if node.ndim < 2 or not -node.shape[1] <= int(part) < node.shape[1]:
+                    raise IndexError(part)
+                node = node[:, int(part)]
+            else:
+                node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
         except (KeyError, IndexError, ValueError):
             raise KeyError(f"the batch has no entry '{path}' (missing '{part}')") from None
     return node

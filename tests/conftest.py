@@ -57,6 +57,16 @@ def demo_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_clip_shards(tmp_path_factory) -> Path:
+    """``<tmp>/demo_clips/{clips,train,test}``: the moving-digit clips and their labelled frames, through the CLI."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("shards") / "demo_clips"
+    subprocess.run([sys.executable, str(REPO / "launch" / "make_shards.py"), "demo-clips", str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def process_group():
     """A world-size-1 gloo process group on 127.0.0.1 for DeepSpeed engines inside the test process; yields the
     deepspeed module. Session-wide and destroyed once at the end: DeepSpeed keeps its groups, so a second init

@@ -24,7 +24,9 @@ STEPS = 3
 
 pytestmark = pytest.mark.slow
 
-# config file -> extra overrides it needs at test size (besides the shards, tracking and step budget)
+# config file -> extra overrides it needs at test size (besides the shards, tracking and step budget);
+# "{demo_clips}" stands for the demo_clip_shards fixture's directory (built only for configs that name it)
+CLIPS = ("data.shards={demo_clips}/clips", "eval.train_shards={demo_clips}/train", "eval.test_shards={demo_clips}/test")
 DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "mae.yaml": (),
     "dtm.yaml": (),  # its teacher: DEPENDS
@@ -32,6 +34,7 @@ DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
                   "objective.teacher.model_kwargs={patch_size: 4, depth: 1}", "objective.num_codes=32"),
     "beitv2.yaml": (),  # its tokenizer: DEPENDS
     "mae_lut.yaml": (),
+    "tobo.yaml": (*CLIPS, "objective.decoder_depth=1"),
 }
 # config file -> (the demo config whose few-step run it needs, the override naming that run by "{run_id}"). A
 # teacher's run has its checkpoints deleted first: teachers come from the run's kept artifacts.
@@ -51,7 +54,7 @@ def test_every_demo_config_runs_here() -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_run(ray_session, demo_shards, tmp_path_factory):
+def demo_run(ray_session, demo_shards, tmp_path_factory, request):
     """``demo_run(name)`` -> (result, config) of the few-step run of ``configs/demo/<name>``, once per module; all
     runs share one MLflow store."""
     root = tmp_path_factory.mktemp("demo-runs")
@@ -66,6 +69,9 @@ def demo_run(ray_session, demo_shards, tmp_path_factory):
             earlier, earlier_config = run(source)
             shutil.rmtree(Path(earlier_config.tracking.storage_path) / earlier.run_name, ignore_errors=True)
             extra = (override.format(run_id=earlier.run_id),)
+        own = DEMO_CONFIGS[name]
+        if any("{demo_clips}" in override for override in own):
+            own = tuple(o.format(demo_clips=request.getfixturevalue("demo_clip_shards")) for o in own)
         config = load_config(REPO / "configs" / "demo" / name, [
             f"data.shards={demo_shards / 'train'}",
             f"eval.train_shards={demo_shards / 'train'}",
@@ -74,7 +80,7 @@ def demo_run(ray_session, demo_shards, tmp_path_factory):
             f"tracking.storage_path={root / 'runs'}",
             f"train.steps={STEPS}", "train.log_every=1", f"train.checkpoint_every={STEPS}", "optim.warmup_steps=1",
             "data.batch_size=8", "eval.random_init=false", "scaling.workers=2",
-            *DEMO_CONFIGS[name], *extra,
+            *own, *extra,
         ])
         done[name] = run_pretraining(config, run_name=f"few-steps-{Path(name).stem}"), config
         return done[name]

@@ -1,6 +1,7 @@
 """``configs/paper/*.yaml``: each method's ViT-B/16 ImageNet-1K recipe, checked against the paper's numbers.
 
-Steps come from epochs with the reference loaders' drop_last: ``epochs * floor(1,281,167 / global batch)``.
+Steps come from epochs with the reference loaders' drop_last: ``epochs * floor(1,281,167 / global batch)`` for the
+ImageNet-1K recipes; ToBo's (Kinetics-400 videos, two pairs per video) is derived in :func:`tobo_steps`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGENET = 1_281_167
 
 
+KINETICS400 = 240_436  # train videos of the Kinetics-400 list that RSP / ToBo train on
+
+
 def steps(epochs: float, batch: int) -> int:
     return int(epochs * (IMAGENET // batch))
+
+
+def tobo_steps(epochs: int, videos_per_gpu: int = 24, gpus: int = 8, accum: int = 8, repeated: int = 2) -> int:
+    """ToBo's loop: ``epochs // repeated`` passes over the videos (main_pretrain_tobo.py divides its epochs by
+    repeated_sampling); a pass is floor(videos / (videos_per_gpu * gpus)) loader iterations per GPU (drop_last),
+    one optimizer step per ``accum`` of them."""
+    return epochs // repeated * (KINETICS400 // (videos_per_gpu * gpus) // accum)
 
 
 # file: (global batch, learning rate, optimizer steps, warm-up steps, objective name) from the paper
@@ -27,6 +38,8 @@ PAPER = {
     "vqkd.yaml": (512, 5e-5 * 512 / 128, steps(100, 512), steps(10, 512), "vqkd"),
     "beitv2.yaml": (2048, 1.5e-3, steps(1600, 2048), steps(10, 2048), "beitv2"),
     "mae_lut.yaml": (4096, 1.5e-4 * math.sqrt(4096) / 4, steps(1600, 4096), steps(40, 4096), "mae_lut"),
+    # 3072 pairs = 24 videos x 2 pairs x 8 accum x 8 GPUs; the lr rule counts the 1536 videos
+    "tobo.yaml": (3072, 1.5e-4 * 1536 / 256, tobo_steps(400), tobo_steps(40), "tobo"),
 }
 
 

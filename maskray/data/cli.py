@@ -19,6 +19,7 @@ from maskray.data.sources import (
     Source,
     clip_folder,
     demo,
+    demo_clips,
     image_folder,
     parquet_file,
     split_indices,
@@ -29,17 +30,19 @@ from maskray.errors import DataError, MaskrayError
 DEMO_SAMPLES_PER_SHARD = 100  # ~9 shards per demo split, so ranks x loader workers all get shards
 SAMPLES_PER_SHARD = 1000
 SPLIT_SEED = 0
+DEMOS = ("demo", "demo-clips")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="make_shards.py",
         description="Write WebDataset shards plus manifest.parquet from an image folder (class subfolders "
-        "give labels), a folder of clips (--clips), a .parquet file, or 'demo' (sklearn digits into OUT_DIR/train "
-        "and OUT_DIR/test).",
+        "give labels), a folder of clips (--clips), a .parquet file, 'demo' (sklearn digits into OUT_DIR/train "
+        "and OUT_DIR/test) or 'demo-clips' (the train digits moving on a 32x32 canvas as 8-frame clips into "
+        "OUT_DIR/clips, one labelled frame of each train / test clip into OUT_DIR/train / OUT_DIR/test).",
     )
     parser.add_argument(
-        "source", metavar="SOURCE", help="an image or clip folder, a .parquet file, or the word 'demo'"
+        "source", metavar="SOURCE", help="an image or clip folder, a .parquet file, or the word 'demo' or 'demo-clips'"
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards and manifest")
@@ -76,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--clips",
         action="store_true",
         help="SOURCE is a folder of clips: every directory directly holding images is one clip (frames sorted by "
-        "name); clips in SOURCE/<class>/<clip>/ are labelled by class",
+        "name) and every video file (mp4, webm, ogv, avi, mkv, mov, m4v, gif; needs PyAV: pip install "
+        "'maskray[video]') is one clip; clips in SOURCE/<class>/<clip>/ or SOURCE/<class>/<video> are labelled by "
+        "class",
     )
     parser.add_argument(
         "--clip-format",
@@ -84,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --clips: store a clip as one uint8 (T, H, W, C) npy array (default) or as its frames' images",
     )
+    parser.add_argument("--frame-step", type=_positive_int, default=None,
+                        help="with --clips: keep every n-th frame (default 1)")
+    parser.add_argument("--frame-size", type=_positive_int, default=None,
+                        help="with --clips: resize frames so that the shorter side has this many pixels")
+    parser.add_argument("--clip-length", type=_positive_int, default=None,
+                        help="with --clips: cut each clip or video into consecutive clips of this many frames")
     return parser
 
 
@@ -101,7 +112,7 @@ def make_shards(argv: Sequence[str] | None = None) -> list[ShardSet]:
                             "(same arguments) or --overwrite to start again")
         if not args.resume:
             check_out_dir(out_dir, args.overwrite)  # refuse before reading the source or writing anything
-    default_per_shard = DEMO_SAMPLES_PER_SHARD if args.source == "demo" else SAMPLES_PER_SHARD
+    default_per_shard = DEMO_SAMPLES_PER_SHARD if args.source in DEMOS else SAMPLES_PER_SHARD
     written, skipped = [], []
     for out_dir, (source, indices) in zip(out_dirs, _plan(args), strict=True):
         done = convert(
@@ -109,7 +120,7 @@ def make_shards(argv: Sequence[str] | None = None) -> list[ShardSet]:
             workers=args.workers, resume=args.resume, overwrite=args.overwrite,
         )
         shards = done.shards
-        if args.clips:
+        if args.clips or (args.source == "demo-clips" and out_dir == out_dirs[0]):
             frames = pc.sum(read_manifest(out_dir, key="OUT")["frames"]).as_py()
             counts = f"{shards.num_samples} clips ({frames} frames)"
         else:
@@ -141,19 +152,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _out_dirs(args: argparse.Namespace) -> list[Path]:
     """The shard directories to write: OUT_DIR/train and OUT_DIR/test for a split, else OUT_DIR."""
     out = Path(args.out_dir)
+    if args.source == "demo-clips":
+        return [out / "clips", out / "train", out / "test"]
     return [out / "train", out / "test"] if args.source == "demo" or args.test_fraction > 0 else [out]
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[Source, np.ndarray]]:
     """(source, indices in write order) for each directory of ``_out_dirs(args)``."""
     mode = args.mode or "keep"
-    if args.source == "demo":
+    for option in ("clip_format", "frame_step", "frame_size", "clip_length"):
+        if getattr(args, option) and not args.clips:
+            raise DataError(f"--{option.replace('_', '-')} applies only with --clips")
+    if args.source in DEMOS:
         if args.test_fraction or args.image_column or args.label_column or args.clips:
-            raise DataError("SOURCE: 'demo' has a fixed 50/50 split, no columns to choose and no clips")
-        return [(src, np.arange(src.total)) for src in (demo("train", mode), demo("test", mode))]
+            raise DataError(f"SOURCE: '{args.source}' has a fixed 50/50 split, no columns to choose and no --clips")
+        if args.source == "demo":
+            sources = (demo("train", mode), demo("test", mode))
+        else:
+            if args.mode:
+                raise DataError("--mode applies to images, not 'demo-clips' (grey clips and frames)")
+            sources = (demo_clips("train"), demo_clips("train", as_frames=True), demo_clips("test", as_frames=True))
+        return [(src, np.arange(src.total)) for src in sources]
     path = Path(args.source)
-    if args.clip_format and not args.clips:
-        raise DataError("--clip-format applies only with --clips")
     if args.mode and args.clips:
         raise DataError("--mode applies to images, not --clips (clips are stored as grey or RGB)")
     if args.clips and not path.is_dir():
@@ -161,7 +181,8 @@ def _plan(args: argparse.Namespace) -> list[tuple[Source, np.ndarray]]:
     if path.is_dir():
         if args.image_column or args.label_column:
             raise DataError(f"SOURCE: --image-column/--label-column apply to .parquet files, not '{path}'")
-        source = clip_folder(path, args.clip_format or "npy") if args.clips else image_folder(path, mode)
+        source = (clip_folder(path, args.clip_format or "npy", args.frame_step or 1, args.frame_size, args.clip_length)
+                  if args.clips else image_folder(path, mode))
     elif path.suffix == ".parquet":
         source = parquet_file(path, args.image_column, args.label_column, mode)
     elif path.exists():
@@ -170,9 +191,11 @@ def _plan(args: argparse.Namespace) -> list[tuple[Source, np.ndarray]]:
         raise DataError(f"SOURCE: '{path}' does not exist (expected an image folder, a .parquet file or 'demo')")
     if args.test_fraction > 0:
         train, test = split_indices(source.labels, args.test_fraction, seed=SPLIT_SEED)
+        if source.groups is not None:  # the pieces of a video together, so that it is decoded once
+            train, test = source.shuffled(train, SPLIT_SEED), source.shuffled(test, SPLIT_SEED)
         return [(source, train), (source, test)]
     # shuffled write order, so that shards of a class-sorted folder mix classes
-    return [(source, np.random.default_rng(SPLIT_SEED).permutation(source.total))]
+    return [(source, source.shuffled(np.arange(source.total), SPLIT_SEED))]
 
 
 def _positive_int(text: str) -> int:

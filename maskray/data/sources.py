@@ -38,10 +38,22 @@ class Source:
     labels: np.ndarray
     class_names: tuple[str, ...]
     load: Callable[[int], Sample]
+    groups: np.ndarray | None = None  # (N,) items of one group (pieces of one video) are written together
 
     @property
     def total(self) -> int:
         return len(self.labels)
+
+    def shuffled(self, indices: np.ndarray, seed: int) -> np.ndarray:
+        """``indices`` in a random order (from ``seed``) that keeps the items of a group together, in order."""
+        rng = np.random.default_rng(seed)
+        if self.groups is None:
+            return rng.permutation(indices)
+        groups = self.groups[indices]
+        order = rng.permutation(np.unique(groups))
+        rank = np.empty(int(groups.max()) + 1, dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        return indices[np.lexsort((indices, rank[groups]))]
 
     @property
     def num_classes(self) -> int:
@@ -94,48 +106,103 @@ def image_folder(path: str | Path, mode: str = "keep") -> Source:
     return Source(f"image folder {root.resolve()}", labels, class_names, load)
 
 
-def clip_folder(path: str | Path, clip_format: str = "npy") -> Source:
-    """Clips under ``path``: every directory (``path`` included) that directly holds image files is one clip,
-    its frames sorted by file name (png/jpg/jpeg/webp/bmp, hidden entries ignored).
+def clip_folder(path: str | Path, clip_format: str = "npy", frame_step: int = 1, short_side: int | None = None,
+                clip_length: int | None = None) -> Source:
+    """Clips under ``path``: every directory (``path`` included) that directly holds image files is one clip, its
+    frames sorted by file name (png/jpg/jpeg/webp/bmp, hidden entries ignored), and every video file
+    (:data:`~maskray.data.video.VIDEO_EXTS`, decoded with PyAV, the ``video`` extra) is one clip.
 
-    ``clip_format="npy"`` stores a clip as one uint8 (T, H, W, C) array (C = 1 when every frame is
-    greyscale, else 3: RGB); ``"frames"`` stores each frame's bytes as ``000.png``, ``001.jpg``, ... (PNG,
-    JPEG and WebP as-is, others re-encoded as PNG). Frames of a clip must share a size. Clips sitting one
-    level inside a top-level folder (``path/<class>/<clip>/<frames>``) get that folder's index among the
-    sorted class folders as label; other clips are unlabelled. Keys are the clip directories' relative
-    paths with ``/`` and ``.`` turned into ``_`` (the folder's own name for ``path`` itself).
+    ``frame_step`` keeps every n-th frame, ``short_side`` resizes frames so that their shorter side has that many
+    pixels (aspect kept; area averaging), ``clip_length`` cuts each clip into consecutive clips of that many (kept)
+    frames, keyed ``<clip>_s0000``, ``<clip>_s0001``, ... (an incomplete tail is dropped unless it is the only
+    one). ``clip_format="npy"`` stores a clip as one uint8 (T, H, W, C) array (C = 1 when every frame is
+    greyscale, else 3: RGB; videos are RGB); ``"frames"`` stores each frame as ``000.png``, ``001.jpg``, ...
+    (image files as-is when not resized, PNG otherwise). Frames of a clip must share a size. Clips one level
+    inside a top-level folder (``path/<class>/<clip>/<frames>`` or ``path/<class>/<video>``) get that folder's
+    index among the sorted class folders as label; other clips are unlabelled. Keys are the clips' relative paths
+    (a video's without its suffix) with ``/`` and ``.`` turned into ``_`` (the folder's own name for ``path``).
+    The pieces of one clip share a ``group`` and are written consecutively (a video is decoded once).
     """
+    from maskray.data.video import VIDEO_EXTS, read_video, resized, video_frame_count
+
     root = Path(path)
     if clip_format not in CLIP_FORMATS:
         raise DataError(f"--clip-format must be one of {', '.join(CLIP_FORMATS)}, got '{clip_format}'")
+    for name, value in (("--frame-step", frame_step), ("--frame-size", short_side), ("--clip-length", clip_length)):
+        if value is not None and value < 1:
+            raise DataError(f"{name} must be >= 1, got {value}")
     if not root.is_dir():
         raise DataError(f"SOURCE: clip folder '{path}' does not exist or is not a directory")
     clips: dict[Path, list[Path]] = {}
     for file in sorted(_image_files(root)):
         clips.setdefault(file.parent, []).append(file)
-    if not clips:
-        raise DataError(f"SOURCE: no clips (folders of {', '.join(FOLDER_EXTS)} images) found under '{path}'")
-    dirs = sorted(clips)
-    class_names = tuple(sorted({d.parts[0] for d in dirs if len(d.parts) == 2}))
+    videos = sorted(_visible_files(root, VIDEO_EXTS))
+    if not clips and not videos:
+        raise DataError(f"SOURCE: no clips (folders of {', '.join(FOLDER_EXTS)} images, or {', '.join(VIDEO_EXTS)} "
+                        f"videos) found under '{path}'")
+    sources = sorted([*clips, *videos])
+    class_names = tuple(sorted({d.parts[0] for d in sources if len(d.parts) == 2}))
     class_index = {name: i for i, name in enumerate(class_names)}
-    labels = np.array([class_index[d.parts[0]] if len(d.parts) == 2 else -1 for d in dirs], dtype=np.int64)
-    keys = _unique_keys([sanitise_key(d.as_posix() if d.parts else root.resolve().name) for d in dirs], dirs, path)
+    names = [sanitise_key((d.with_suffix("") if d in videos else d).as_posix() if d.parts else root.resolve().name)
+             for d in sources]
+    _unique_keys(names, sources, path)
+    pieces: list[tuple[int, int, int]] = []  # (source index, first kept frame, end), in source order
+    for index, clip in enumerate(sources):
+        total = video_frame_count(root / clip) if clip in videos else len(clips[clip])
+        pieces += [(index, first, end) for first, end in _clip_pieces(-(-total // frame_step), clip_length)]
+    keys = [names[i] if clip_length is None else f"{names[i]}_s{first // clip_length:04d}" for i, first, _ in pieces]
+    labels = np.array([class_index[sources[i].parts[0]] if len(sources[i].parts) == 2 else -1
+                       for i, _, _ in pieces], dtype=np.int64)
+    decoded: dict[int, np.ndarray] = {}  # the last video decoded (its pieces are loaded one after another)
+
+    def frames_of(index: int, first: int, end: int) -> list[bytes] | np.ndarray:
+        """The piece's encoded frame files (a folder clip, not resized) or its uint8 (T, H, W, C) frames."""
+        clip = sources[index]
+        if clip in videos:
+            if index not in decoded:
+                decoded.clear()
+                decoded[index] = read_video(root / clip, frame_step, short_side)
+            return decoded[index][first:end]
+        data = [(root / f).read_bytes() for f in clips[clip][::frame_step][first:end]]
+        images = _decode_frames(data, f"clip '{root / clip}'")
+        if short_side is None:
+            return data if clip_format == "frames" else _clip_array(images)
+        grey = all(image.mode == "L" for image in images)
+        size = resized(*images[0].size, short_side)
+        array = np.stack([np.asarray(image.convert("L" if grey else "RGB").resize(size, Image.BOX))
+                          for image in images])
+        return array[..., None] if grey else array
 
     def load(i: int) -> Sample:
-        where = f"clip '{root / dirs[i]}'"
-        frames = [(root / f).read_bytes() for f in clips[dirs[i]]]
-        images = _decode_frames(frames, where)
+        index, first, end = pieces[i]
+        where = f"clip '{root / sources[index]}'"
+        frames = frames_of(index, first, end)
+        if len(frames) == 0:
+            raise DataError(f"SOURCE: {where} has no frames {first}..{end - 1} (after --frame-step {frame_step})")
         if clip_format == "npy":
-            members = {"npy": _clip_array(images)}
+            members = {"npy": _npy_bytes(frames)}
         else:
             width = max(3, len(str(len(frames) - 1)))
             members = {}
-            for t, data in enumerate(frames):
+            for t, frame in enumerate(frames):
+                data = frame if isinstance(frame, bytes) else _png_bytes(frame)
                 encoded, ext = encode_image(data, f"frame {t} of {where}", "keep", bands=False)
                 members[f"{t:0{width}d}.{ext}"] = encoded
         return Sample(keys[i], members, None if labels[i] < 0 else int(labels[i]))
 
-    return Source(f"clip folder {root.resolve()} ({clip_format})", labels, class_names, load)
+    options = f", every {frame_step} frame(s)" if frame_step > 1 else ""
+    options += f", short side {short_side}" if short_side else ""
+    options += f", {clip_length}-frame pieces" if clip_length else ""
+    groups = np.array([index for index, _, _ in pieces], dtype=np.int64)
+    return Source(f"clip folder {root.resolve()} ({clip_format}{options})", labels, class_names, load, groups)
+
+
+def _clip_pieces(total: int, length: int | None) -> list[tuple[int, int]]:
+    """[first, end) ranges of consecutive ``length``-frame pieces of a clip of ``total`` frames (all of it for
+    None; an incomplete tail is dropped unless it is the only piece)."""
+    if length is None or total <= length:
+        return [(0, total)]
+    return [(first, first + length) for first in range(0, total - length + 1, length)]
 
 
 def parquet_file(
@@ -192,15 +259,7 @@ def demo(split: str, mode: str = "keep") -> Source:
     labels 0..9.
     ``split`` is ``"train"`` (898 images) or ``"test"`` (899 images).
     """
-    if split not in ("train", "test"):
-        raise DataError(f"SOURCE: demo split must be 'train' or 'test', got '{split}'")
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
-    all_labels = digits.target.astype(np.int64)
-    train, test = split_indices(all_labels, 0.5, seed=0)
-    index = train if split == "train" else test
+    pixels, all_labels, index = _digits_split(split)
 
     def load(i: int) -> Sample:
         j = int(index[i])
@@ -212,11 +271,74 @@ def demo(split: str, mode: str = "keep") -> Source:
     return Source(description, all_labels[index], tuple(str(c) for c in range(10)), load)
 
 
+DEMO_CLIP_FRAMES, DEMO_CLIP_CANVAS, DEMO_CLIP_DIGIT = 8, 32, 24
+
+
+def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixels (1797, 8, 8) uint8 0..255, labels (1797,), the indices of ``split``) of :func:`demo`'s split."""
+    if split not in ("train", "test"):
+        raise DataError(f"SOURCE: demo split must be 'train' or 'test', got '{split}'")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    train, test = split_indices(labels, 0.5, seed=0)
+    return pixels, labels, train if split == "train" else test
+
+
+def moving_digit_clip(digit: np.ndarray, seed: int, frames: int = DEMO_CLIP_FRAMES,
+                      canvas: int = DEMO_CLIP_CANVAS, size: int = DEMO_CLIP_DIGIT) -> np.ndarray:
+    """A uint8 (frames, canvas, canvas) clip: ``digit`` (8x8) upsampled to ``size`` (bilinear) moving on a black
+    canvas from a random start with a random velocity of 1..2 pixels per frame on each axis, bouncing off the
+    borders. Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    sprite = np.asarray(Image.fromarray(digit).resize((size, size), Image.BILINEAR))
+    room = canvas - size
+    position = rng.integers(0, room + 1, size=2)
+    velocity = rng.integers(1, 3, size=2) * rng.choice([-1, 1], size=2)
+    clip = np.zeros((frames, canvas, canvas), dtype=np.uint8)
+    for t in range(frames):
+        top, left = position
+        clip[t, top:top + size, left:left + size] = sprite
+        for axis in range(2):
+            step = position[axis] + velocity[axis]
+            if not 0 <= step <= room:
+                velocity[axis] = -velocity[axis]
+            position[axis] = min(max(position[axis] + velocity[axis], 0), room)
+    return clip
+
+
+def demo_clips(split: str, as_frames: bool = False) -> Source:
+    """Moving-digit clips of :func:`demo`'s ``split`` (:func:`moving_digit_clip`, seeded by the digit's index),
+    labelled by the digit, stored as uint8 (T, H, W, 1) ``npy`` clips; ``as_frames``: one grey PNG frame of
+    each clip instead (frame ``index % T``), labelled images for k-NN and probes of a model trained on clips."""
+    pixels, labels, index = _digits_split(split)
+
+    def load(i: int) -> Sample:
+        j = int(index[i])
+        clip = moving_digit_clip(pixels[j], seed=j)[..., None]
+        if as_frames:
+            frame = _png_bytes(clip[j % len(clip)])
+            return Sample(key=f"digit_frame_{j:04d}", image=frame, ext="png", label=int(labels[j]))
+        return Sample(key=f"digit_clip_{j:04d}", members={"npy": _npy_bytes(clip)}, label=int(labels[j]))
+
+    what = "one frame of each" if as_frames else f"{DEMO_CLIP_FRAMES}-frame"
+    description = (f"sklearn load_digits moving on a {DEMO_CLIP_CANVAS}x{DEMO_CLIP_CANVAS} canvas, {what} clip, "
+                   f"{split} half of a stratified 50/50 split (random_state=0)")
+    return Source(description, labels[index], tuple(str(c) for c in range(10)), load)
+
+
 def _image_files(root: Path) -> Iterator[Path]:
     """Image files under ``root`` (recursive), relative to it, skipping hidden files and folders."""
+    return _visible_files(root, FOLDER_EXTS)
+
+
+def _visible_files(root: Path, exts: tuple[str, ...]) -> Iterator[Path]:
+    """Files under ``root`` (recursive) with a suffix in ``exts``, relative to it, skipping hidden entries."""
     for p in root.rglob("*"):
         rel = p.relative_to(root)
-        if p.suffix.lower() in FOLDER_EXTS and p.is_file() and not any(part.startswith(".") for part in rel.parts):
+        if p.suffix.lower() in exts and p.is_file() and not any(part.startswith(".") for part in rel.parts):
             yield rel
 
 
@@ -247,12 +369,23 @@ def _decode_frames(frames: list[bytes], where: str) -> list[Image.Image]:
     return images
 
 
-def _clip_array(images: list[Image.Image]) -> bytes:
-    """``.npy`` bytes of the uint8 (T, H, W, C) stack of a clip's frames (C = 1 if all are greyscale, else 3)."""
+def _clip_array(images: list[Image.Image]) -> np.ndarray:
+    """The uint8 (T, H, W, C) stack of a clip's frames (C = 1 if all are greyscale, else 3)."""
     grey = all(image.mode == "L" for image in images)
     array = np.stack([np.asarray(image.convert("L" if grey else "RGB")) for image in images])
+    return array[..., None] if grey else array
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, array[..., None] if grey else array, allow_pickle=False)
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _png_bytes(frame: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 (H, W, 1 | 3) frame."""
+    buffer = io.BytesIO()
+    Image.fromarray(frame[..., 0] if frame.shape[-1] == 1 else frame).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
