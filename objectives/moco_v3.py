@@ -12,7 +12,10 @@ Decisions vs the reference (facebookresearch/moco-v3, spec section 11):
   iteration i; here the core updates it after optimizer step i with ``m(i)`` (a pure function of the optimizer
   step, so gradient accumulation and resume are exact). The first update is a no-op in the reference (both
   encoders start equal), so this is the same sequence shifted by one step. Schedule: cosine ``momentum`` -> 1 over
-  the run (``adjust_moco_momentum``, per step instead of per fractional epoch).
+  the run (``adjust_moco_momentum``, per step instead of per fractional epoch). The teacher moves by
+  ``sum(1 - m) ~ (1 - momentum) * steps / 2`` time constants over a run: 0.99 gives 470 over the reference's
+  93,600 steps but 3 over a 600-step demo (its keys lag the encoder by ~100 steps, a sixth of the run, and keep
+  e^-3 of the random init), hence the demo default 0.9 (30).
 - The momentum encoder's batch norms use the statistics of its batch (the reference runs it in train mode), via
   ``EMATeacher(batch_stats=True)``; its parameters are averaged, not its buffers, as in the reference. BatchNorm
   is :class:`~maskray.models.GlobalBatchNorm1d` (the reference's SyncBatchNorm on any backend).
@@ -51,17 +54,18 @@ Pair = tuple[float, float]
 
 class MoCoV3Params(ObjectiveParams):
     temperature: float = Field(0.2, gt=0.0, description="InfoNCE temperature T")
-    momentum: float = Field(0.99, ge=0.0, le=1.0, description="EMA momentum at step 0, cosine to 1 at the end")
+    momentum: float = Field(0.9, ge=0.0, le=1.0, description="EMA momentum at step 0, cosine to 1 at the end "
+                            "(reference 0.99 over 94k steps)")
     mlp_dim: int = Field(1024, gt=0, description="hidden width of projector and predictor (reference 4096)")
     out_dim: int = Field(256, gt=0, description="output width of projector and predictor")
     freeze_patch_embed: bool = Field(True, description="keep the patch projection at its random init")
     pool: Literal["cls", "mean"] = Field("cls", description="token the projector reads: CLS or mean of patches")
-    crop_scale: Pair = Field((0.08, 1.0), description="RandomResizedCrop scale of both views")
+    crop_scale: Pair = Field((0.25, 1.0), description="RandomResizedCrop scale of both views (reference 0.08-1)")
     jitter: float = Field(0.8, ge=0.0, le=1.0, description="probability of colour jitter")
     jitter_strength: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     grayscale: float = Field(0.2, ge=0.0, le=1.0, description="probability of greyscale conversion")
     blur: Pair = Field((1.0, 0.1), description="Gaussian blur probability of view 1 / view 2")
-    blur_sigma: Pair = Field((0.1, 2.0), description="blur sigma range in pixels")
+    blur_sigma: Pair = Field((0.1, 1.0), description="blur sigma range in pixels (reference 0.1-2 at 224 px)")
     solarize: Pair = Field((0.0, 0.2), description="solarisation probability of view 1 / view 2")
 
     @field_validator("crop_scale")

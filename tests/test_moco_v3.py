@@ -74,7 +74,7 @@ def test_momentum_encoder_follows_the_ema_formula_and_gets_no_gradient() -> None
     optimizer.step()
     before = [p.detach().clone() for p in teacher.module.parameters()]
     metrics = objective.after_optimizer_step(_ctx(step=3))
-    m = cosine_schedule(3, 10, 0.99, 1.0)
+    m = cosine_schedule(3, 10, objective.params.momentum, 1.0)
     assert metrics == {"momentum/momentum_encoder": pytest.approx(m)}
     moved = 0
     for old, new, source in zip(before, teacher.module.parameters(), teacher.student.parameters(), strict=True):
