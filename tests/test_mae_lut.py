@@ -76,8 +76,11 @@ def test_ema_teacher_follows_the_whole_student_with_the_formula_and_gets_no_grad
     student = objective.state_dict()
     buffers = {name for name, _ in teacher.module.named_buffers()}
     assert any(name.endswith("running_var") for name in buffers)
+    frozen = {name for name, p in objective.named_parameters() if not p.requires_grad}  # the sin-cos table
     for key, value in teacher.module.state_dict().items():
-        if value.is_floating_point():  # m * t + (1 - m) * s, in the update's floating-point order
+        if key in frozen:
+            assert torch.equal(value, student[key]), key  # frozen student parameters are copied
+        elif value.is_floating_point():  # m * t + (1 - m) * s, in the update's floating-point order
             assert torch.equal(value, before[key].mul(m).add_(student[key], alpha=1 - m)), key
         else:
             assert torch.equal(value, student[key]), key  # num_batches_tracked is copied

@@ -35,6 +35,8 @@ DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "beitv2.yaml": (),  # its tokenizer: DEPENDS
     "mae_lut.yaml": (),
     "tobo.yaml": (*CLIPS, "objective.decoder_depth=1"),
+    "mae_moco.yaml": (),
+    "moco_v3.yaml": (),
 }
 # config file -> (the demo config whose few-step run it needs, the override naming that run by "{run_id}"). A
 # teacher's run has its checkpoints deleted first: teachers come from the run's kept artifacts.
