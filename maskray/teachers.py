@@ -5,14 +5,15 @@ partitions, casts to bf16 nor checkpoints them with the student; the engine move
 training state saves what must be saved:
 
 - :class:`EMATeacher`: an fp32 copy of student modules, updated ``θ_t <- m θ_t + (1 - m) θ_s`` once per optimizer
-  step (never per micro-batch) with a momentum schedule ``m(step, total_steps)``; optionally floating buffers too
-  (LUT averages BatchNorm statistics). Under ZeRO-3 the partitioned student is gathered for the update. Saved in
-  every checkpoint (``objective_state.pt``).
+  step (never per micro-batch) with a momentum schedule ``m(step, total_steps)`` (frozen student parameters are
+  copied); optionally floating buffers too (LUT averages BatchNorm statistics). Under ZeRO-3 the partitioned
+  student is gathered for the update. Saved in every checkpoint (``objective_state.pt``).
 - :class:`FrozenTeacher`: a fixed network (built from a file or an earlier run), in eval mode, in the precision it
   asks for; rebuilt from its source on resume, never saved. Its ``source`` and weights' ``sha256`` are recorded.
 
-Calling a teacher runs its module under ``no_grad`` in eval mode; with bf16 inputs an fp32 teacher computes under
-bf16 autocast.
+Calling a teacher runs its module under ``no_grad`` in eval mode (with ``batch_stats``, its batch norms in train
+mode: they normalise with the statistics of the batch, as MoCo v3's momentum encoder does); with bf16 inputs an
+fp32 teacher computes under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ Momentum = Callable[[int, int], float]
 
 
 class Teacher:
-    """Base: ``module`` runs under no_grad in eval mode; ``persistent`` teachers are saved in checkpoints."""
+    """Base: ``module`` runs under no_grad in eval mode (batch norms in train mode if ``batch_stats``);
+    ``persistent`` teachers are saved in checkpoints."""
 
     persistent = False
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32, batch_stats: bool = False) -> None:
         self.module = module.to(dtype).eval().requires_grad_(False)
         self.dtype = dtype
+        self.batch_stats = batch_stats
 
     def to(self, device: torch.device | str) -> Teacher:
         self.module.to(device)
@@ -50,6 +53,10 @@ class Teacher:
     @torch.no_grad()
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.module.eval()
+        if self.batch_stats:
+            for module in self.module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train()
         values = (*args, *kwargs.values())
         tensors = [value for value in values if isinstance(value, torch.Tensor) and value.is_floating_point()]
         autocast = bool(tensors) and tensors[0].dtype == torch.bfloat16 and self.dtype == torch.float32
@@ -82,12 +89,16 @@ class EMATeacher(Teacher):
         momentum: ``m(step, total_steps)`` for the update after optimizer step ``step`` (0-based), e.g.
             ``functools.partial(maskray.schedules.cosine_schedule, start=0.996, end=1.0)``.
         include_buffers: average floating buffers too (integer buffers such as ``num_batches_tracked`` are copied).
+        batch_stats: the teacher's batch norms normalise with the batch's statistics (MoCo v3's momentum
+            encoder runs in train mode); its running statistics then follow its own batches.
     """
 
     persistent = True
 
-    def __init__(self, student: nn.Module, momentum: Momentum, include_buffers: bool = False) -> None:
-        super().__init__(copy.deepcopy(student), torch.float32)
+    def __init__(
+        self, student: nn.Module, momentum: Momentum, include_buffers: bool = False, batch_stats: bool = False
+    ) -> None:
+        super().__init__(copy.deepcopy(student), torch.float32, batch_stats)
         self.student = student  # a reference (a Teacher is no nn.Module, so nothing is registered)
         self.momentum = momentum
         self.include_buffers = include_buffers
@@ -102,7 +113,10 @@ class EMATeacher(Teacher):
         student_params = list(self.student.parameters())
         with gathered(student_params):
             for target, source in zip(self.module.parameters(), student_params, strict=True):
-                target.mul_(m).add_(source.detach().to(target.dtype), alpha=1.0 - m)
+                if source.requires_grad:
+                    target.mul_(m).add_(source.detach().to(target.dtype), alpha=1.0 - m)
+                else:  # a frozen student parameter (fixed position embedding, MoCo v3's patch projection)
+                    target.copy_(source.detach())  # stays exactly equal instead of drifting by rounding
         if self.include_buffers:
             for target, source in zip(self.module.buffers(), self.student.buffers(), strict=True):
                 if target.is_floating_point():

@@ -309,8 +309,12 @@ def test_ema_teacher_updates_once_per_optimizer_step_under_accumulation(process_
         assert record.metrics["momentum/teacher"] == pytest.approx(m)
         with torch.no_grad(), _gathered(objective.encoder):
             students = [p.detach().clone() for p in objective.encoder.parameters()]
-        # the formula, in the same floating-point order as the update: m * teacher + (1 - m) * student
-        expected = [old.mul(m).add_(new, alpha=1 - m) for old, new in zip(expected, students, strict=True)]
+        # the formula, in the same floating-point order as the update: m * teacher + (1 - m) * student; frozen
+        # student parameters (the sin-cos position embedding) are copied
+        trained = [p.requires_grad for p in objective.encoder.parameters()]
+        assert not all(trained)
+        expected = [old.mul(m).add_(new, alpha=1 - m) if grad else new
+                    for old, new, grad in zip(expected, students, trained, strict=True)]
         for want, have in zip(expected, teacher.module.parameters(), strict=True):
             assert torch.equal(have, want)
             assert have.grad is None

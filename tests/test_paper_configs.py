@@ -22,6 +22,7 @@ def steps(epochs: float, batch: int) -> int:
 # file: (global batch, learning rate, optimizer steps, warm-up steps, objective name) from the paper
 PAPER = {
     "mae.yaml": (4096, 1.5e-4 * 4096 / 256, steps(1600, 4096), steps(40, 4096), "mae"),
+    "moco_v3.yaml": (4096, 1.5e-4 * 4096 / 256, steps(300, 4096), steps(40, 4096), "moco_v3"),
     "simmim.yaml": (2048, 1e-4 * 2048 / 512, steps(800, 2048), steps(10, 2048), "simmim"),
 }
 

@@ -1,6 +1,7 @@
 """Models: the maskable timm ViT / Beit encoder, the MAE decoder, released weights, and ZeRO-3 registration."""
 
 from maskray.models.decoder import MAEDecoder
+from maskray.models.heads import GlobalBatchNorm1d, MLPHead
 from maskray.models.pos_embed import sincos_2d
 from maskray.models.pretrained import InitFrom, load_pretrained
 from maskray.models.vit import EncoderOutput, MaskedViT, attention_probs, is_beit_arch
@@ -8,8 +9,10 @@ from maskray.models.zero import register_external_parameters
 
 __all__ = [
     "EncoderOutput",
+    "GlobalBatchNorm1d",
     "InitFrom",
     "MAEDecoder",
+    "MLPHead",
     "MaskedViT",
     "attention_probs",
     "build_encoder",
