@@ -26,6 +26,8 @@ DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "mae.yaml": (),
     "mae_moco.yaml": (),
     "moco_v3.yaml": (),
+    "simmim.yaml": (),
+    "cl_mim_hybrid.yaml": (),
 }
 
 
