@@ -37,6 +37,8 @@ DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "tobo.yaml": (*CLIPS, "objective.decoder_depth=1"),
     "mae_moco.yaml": (),
     "moco_v3.yaml": (),
+    "simmim.yaml": (),
+    "cl_mim_hybrid.yaml": (),
 }
 # config file -> (the demo config whose few-step run it needs, the override naming that run by "{run_id}"). A
 # teacher's run has its checkpoints deleted first: teachers come from the run's kept artifacts.

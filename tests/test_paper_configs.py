@@ -41,6 +41,7 @@ PAPER = {
     # 3072 pairs = 24 videos x 2 pairs x 8 accum x 8 GPUs; the lr rule counts the 1536 videos
     "tobo.yaml": (3072, 1.5e-4 * 1536 / 256, tobo_steps(400), tobo_steps(40), "tobo"),
     "moco_v3.yaml": (4096, 1.5e-4 * 4096 / 256, steps(300, 4096), steps(40, 4096), "moco_v3"),
+    "simmim.yaml": (2048, 1e-4 * 2048 / 512, steps(800, 2048), steps(10, 2048), "simmim"),
 }
 
 
