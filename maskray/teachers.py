@@ -11,8 +11,9 @@ training state saves what must be saved:
 - :class:`FrozenTeacher`: a fixed network (built from a file or an earlier run), in eval mode, in the precision it
   asks for; rebuilt from its source on resume, never saved. Its ``source`` and weights' ``sha256`` are recorded.
 
-Calling a teacher runs its module under ``no_grad`` in eval mode; with bf16 inputs an fp32 teacher computes under
-bf16 autocast.
+Calling a teacher runs its module under ``no_grad`` in eval mode (or, with ``train_mode=True``, in train mode: batch
+norm then normalises with the statistics of the batch it is given, as the target networks of MSN and MoCo v3 do);
+with bf16 inputs an fp32 teacher computes under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ Momentum = Callable[[int, int], float]
 
 
 class Teacher:
-    """Base: ``module`` runs under no_grad in eval mode; ``persistent`` teachers are saved in checkpoints."""
+    """Base: ``module`` runs under no_grad in eval mode (train mode if ``train_mode``); ``persistent`` teachers
+    are saved in checkpoints."""
 
     persistent = False
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32) -> None:
-        self.module = module.to(dtype).eval().requires_grad_(False)
+    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32, train_mode: bool = False) -> None:
+        self.module = module.to(dtype).train(train_mode).requires_grad_(False)
         self.dtype = dtype
+        self.train_mode = train_mode
 
     def to(self, device: torch.device | str) -> Teacher:
         self.module.to(device)
@@ -49,7 +52,7 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.module.eval()
+        self.module.train(self.train_mode)
         values = (*args, *kwargs.values())
         tensors = [value for value in values if isinstance(value, torch.Tensor) and value.is_floating_point()]
         autocast = bool(tensors) and tensors[0].dtype == torch.bfloat16 and self.dtype == torch.float32
@@ -82,12 +85,15 @@ class EMATeacher(Teacher):
         momentum: ``m(step, total_steps)`` for the update after optimizer step ``step`` (0-based), e.g.
             ``functools.partial(maskray.schedules.cosine_schedule, start=0.996, end=1.0)``.
         include_buffers: average floating buffers too (integer buffers such as ``num_batches_tracked`` are copied).
+        train_mode: run the copy in train mode (batch norm on the statistics of the teacher's own batch).
     """
 
     persistent = True
 
-    def __init__(self, student: nn.Module, momentum: Momentum, include_buffers: bool = False) -> None:
-        super().__init__(copy.deepcopy(student), torch.float32)
+    def __init__(
+        self, student: nn.Module, momentum: Momentum, include_buffers: bool = False, train_mode: bool = False
+    ) -> None:
+        super().__init__(copy.deepcopy(student), torch.float32, train_mode)
         self.student = student  # a reference (a Teacher is no nn.Module, so nothing is registered)
         self.momentum = momentum
         self.include_buffers = include_buffers

@@ -1,13 +1,16 @@
-"""Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), and running a launcher."""
+"""Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), running a launcher, and running a
+worker in two gloo processes."""
 
 from __future__ import annotations
 
 import io
 import runpy
+import socket
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch.multiprocessing as mp
 from PIL import Image
 
 
@@ -39,3 +42,14 @@ def launch(script: str, *args: str) -> int:
     finally:
         sys.argv = argv
     return 0
+
+
+def spawn_two(worker) -> dict:
+    """Run ``worker(rank, port, results)`` in two processes (``mp.spawn``; ``port`` is a free 127.0.0.1 port for
+    the gloo group the worker initialises) and return ``results``: what each rank stored under its rank."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(port, results), nprocs=2, join=True)
+    return dict(results)

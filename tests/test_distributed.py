@@ -5,11 +5,9 @@ one process on the whole batch."""
 
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_two
 
 from maskray.distributed import all_gather_with_grad, all_reduce_mean, all_reduce_sum
 from maskray.models.heads import MLPHead
@@ -46,17 +44,8 @@ def _worker(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
-def _spawn(worker) -> dict:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(worker, args=(port, results), nprocs=2, join=True)
-    return dict(results)
-
-
 def test_gathered_loss_and_gradient_equal_one_process_on_the_whole_batch() -> None:
-    results = _spawn(_worker)
+    results = spawn_two(_worker)
 
     x, weight = _inputs()
     weight.requires_grad_(True)
@@ -94,7 +83,7 @@ def _head_worker(rank: int, port: int, results) -> None:
 
 
 def test_global_batch_norm_head_equals_one_process_on_the_whole_batch() -> None:
-    results = _spawn(_head_worker)
+    results = spawn_two(_head_worker)
     x, _ = _inputs()
     head = _head()
     out = head(x.double())

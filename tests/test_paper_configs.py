@@ -22,6 +22,7 @@ def steps(epochs: float, batch: int) -> int:
 # file: (global batch, learning rate, optimizer steps, warm-up steps, objective name) from the paper
 PAPER = {
     "mae.yaml": (4096, 1.5e-4 * 4096 / 256, steps(1600, 4096), steps(40, 4096), "mae"),
+    "msn.yaml": (1024, 1e-3, steps(600, 1024), steps(15, 1024), "msn"),
 }
 
 
