@@ -159,7 +159,9 @@ class MSNParams(ObjectiveParams):
     focal_size: int = Field(16, gt=0, description="focal crop size in pixels, a multiple of the patch size")
     random_crop_scale: tuple[float, float] = Field((0.3, 1.0), description="RandomResizedCrop scale, target+random")
     focal_crop_scale: tuple[float, float] = Field((0.05, 0.3), description="RandomResizedCrop scale, focal crops")
-    color_jitter: float = Field(0.5, ge=0.0, le=2.5, description="strength s: ColorJitter(.8s, .8s, .8s, .2s)")
+    color_jitter: tuple[float, float, float, float] = Field(
+        (0.4, 0.4, 0.4, 0.1), description="ColorJitter (brightness, contrast, saturation, hue); reference: strength "
+        "s = 0.5 -> (0.8s, 0.8s, 0.8s, 0.2s)")
     jitter_prob: float = Field(0.8, ge=0.0, le=1.0)
     grayscale_prob: float = Field(0.2, ge=0.0, le=1.0)
     blur_prob: float = Field(0.5, ge=0.0, le=1.0)
@@ -181,6 +183,13 @@ class MSNParams(ObjectiveParams):
     def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not 0.0 < value[0] <= value[1] <= 1.0:
             raise ValueError("a crop scale must satisfy 0 < low <= high <= 1")
+        return value
+
+    @field_validator("color_jitter")
+    @classmethod
+    def _jitter_range(cls, value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        if min(value) < 0 or value[3] > 0.5:
+            raise ValueError("color_jitter is (brightness, contrast, saturation, hue), each >= 0, hue <= 0.5")
         return value
 
     @field_validator("blur_sigma")
@@ -211,9 +220,8 @@ class MSN(Objective):
         if p.focal_views and p.focal_size % model.patch_size:
             raise ConfigError(f"key 'objective.focal_size': {p.focal_size} is not a multiple of model.patch_size "
                               f"{model.patch_size}")
-        s = p.color_jitter
-        photometric = Photometric(jitter=p.jitter_prob, jitter_strength=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
-                                  grayscale=p.grayscale_prob, blur=p.blur_prob, blur_sigma=p.blur_sigma)
+        photometric = Photometric(jitter=p.jitter_prob, jitter_strength=p.color_jitter, grayscale=p.grayscale_prob,
+                                  blur=p.blur_prob, blur_sigma=p.blur_sigma)
         common = dict(train=True, hflip=data.hflip, mean=data.mean, std=data.std, in_chans=model.in_chans,
                       photometric=photometric)
         random = ImageTransform(model.img_size, crop_scale=p.random_crop_scale, **common)

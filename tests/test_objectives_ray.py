@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 # config file -> extra overrides it needs at test size (besides the shards, tracking and step budget)
 DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "mae.yaml": (),
+    "msn.yaml": (),
 }
 
 
