@@ -9,13 +9,14 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from helpers import spawn_two
 
 from maskray.config import load_config
 from maskray.context import StepContext
 from maskray.errors import ConfigError
 from maskray.models import build_encoder
-from maskray.objective import build_objective
+from maskray.objective import build_objective, validate_objective
 from objectives.msn import (
     global_mean_prediction,
     me_max,
@@ -219,7 +220,11 @@ def test_objective_step_views_passes_and_gradients() -> None:
     assert not torch.equal(tokens["random0"].mask[0], tokens["random0"].mask[1])  # per-sample masks
 
 
-def test_focal_size_must_fit_the_patch_grid() -> None:
+def test_bad_config_names_the_key() -> None:
     config, objective = _msn("objective.focal_size=14")
     with pytest.raises(ConfigError, match="objective.focal_size"):
         objective.inputs(config.model, config.data)
+    for key, value in (("color_jitter", "[0.4,0.4,0.4,0.6]"), ("focal_crop_scale", "[0.5,0.2]"),
+                       ("blur_sigma", "[0,1]"), ("random_views", "0")):
+        with pytest.raises(ConfigError, match=f"objective.{key}"):
+            validate_objective("msn", {key: yaml.safe_load(value)})
