@@ -155,10 +155,10 @@ class ProjectedEncoder(nn.Module):
 
 class MSNParams(ObjectiveParams):
     random_views: int = Field(1, ge=1, description="masked anchor crops at the model's image size")
-    focal_views: int = Field(4, ge=0, description="small unmasked anchor crops (reference: 10)")
-    focal_size: int = Field(16, gt=0, description="focal crop size in pixels, a multiple of the patch size")
+    focal_views: int = Field(2, ge=0, description="small unmasked anchor crops (reference: 10)")
+    focal_size: int = Field(12, gt=0, description="focal crop size in pixels, a multiple of the patch size")
     random_crop_scale: tuple[float, float] = Field((0.3, 1.0), description="RandomResizedCrop scale, target+random")
-    focal_crop_scale: tuple[float, float] = Field((0.05, 0.3), description="RandomResizedCrop scale, focal crops")
+    focal_crop_scale: tuple[float, float] = Field((0.2, 0.5), description="focal crops' scale (reference 0.05-0.3)")
     color_jitter: tuple[float, float, float, float] = Field(
         (0.4, 0.4, 0.4, 0.1), description="ColorJitter (brightness, contrast, saturation, hue); reference: strength "
         "s = 0.5 -> (0.8s, 0.8s, 0.8s, 0.2s)")
@@ -167,9 +167,9 @@ class MSNParams(ObjectiveParams):
     blur_prob: float = Field(0.5, ge=0.0, le=1.0)
     blur_sigma: tuple[float, float] = Field((0.1, 2.0), description="Gaussian blur sigma range in pixels")
     mask_ratio: float = Field(0.15, ge=0.0, lt=1.0, description="share of patches dropped from random anchors")
-    num_prototypes: int = Field(64, gt=1, description="K (reference: 1024)")
+    num_prototypes: int = Field(256, gt=1, description="K (reference: 1024)")
     proj_hidden: int = Field(512, gt=0, description="projector hidden width (reference: 2048)")
-    proj_dim: int = Field(128, gt=0, description="projector output / prototype width (reference: 256)")
+    proj_dim: int = Field(64, gt=0, description="projector output / prototype width (reference: 256)")
     temperature: float = Field(0.1, gt=0.0, description="cosine-similarity temperature tau")
     sharpen_temperature: float = Field(0.25, gt=0.0, le=1.0, description="target sharpening T")
     sinkhorn_iterations: int = Field(3, ge=0, description="0 disables Sinkhorn")

@@ -168,8 +168,8 @@ def test_sinkhorn_and_me_max_over_two_ranks_equal_one_process() -> None:
 # -- the objective ---------------------------------------------------------------------------------------------------
 def _msn(*overrides: str):
     config = load_config(None, ["model.img_size=32", "model.patch_size=4", "model.depth=1", "objective.name=msn",
-                                "objective.focal_views=2", "objective.proj_hidden=16", "objective.proj_dim=8",
-                                "objective.num_prototypes=6", *overrides])
+                                "objective.focal_views=2", "objective.focal_size=16", "objective.proj_hidden=16",
+                                "objective.proj_dim=8", "objective.num_prototypes=6", *overrides])
     torch.manual_seed(0)
     return config, build_objective("msn", config.objective.params, build_encoder(config.model))
 
