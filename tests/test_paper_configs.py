@@ -42,6 +42,7 @@ PAPER = {
     "tobo.yaml": (3072, 1.5e-4 * 1536 / 256, tobo_steps(400), tobo_steps(40), "tobo"),
     "moco_v3.yaml": (4096, 1.5e-4 * 4096 / 256, steps(300, 4096), steps(40, 4096), "moco_v3"),
     "simmim.yaml": (2048, 1e-4 * 2048 / 512, steps(800, 2048), steps(10, 2048), "simmim"),
+    "msn.yaml": (1024, 1e-3, steps(600, 1024), steps(15, 1024), "msn"),
 }
 
 
