@@ -27,7 +27,8 @@ from pydantic import Field
 
 from maskray.composite import Composite, CompositeParams, PartConfig
 from maskray.models import MaskedViT
-from maskray.objective import ObjectiveParams, register_objective, validate_objective
+from maskray.objective import ObjectiveParams, objective_teacher_specs, register_objective, validate_objective
+from maskray.teacher_sources import TeacherSpec
 
 
 class CLMIMParams(ObjectiveParams):
@@ -50,6 +51,12 @@ class CLMIM(Composite):
     def __init__(self, encoder: MaskedViT, params: CLMIMParams) -> None:
         super().__init__(encoder, params.composite())
         self.cl_weight = params.cl_weight
+
+    @classmethod
+    def teacher_specs(cls, config: CLMIMParams, where: str) -> dict[str, TeacherSpec]:
+        """Each part's frozen teachers, keyed under ``<where>.simmim`` / ``<where>.moco_v3``."""
+        return {key: spec for name in ("simmim", "moco_v3")
+                for key, spec in objective_teacher_specs(name, getattr(config, name), f"{where}.{name}").items()}
 
     @classmethod
     def check_config(cls, config: CLMIMParams, where: str) -> None:

@@ -5,6 +5,7 @@ Ray and export to timm with the same ``in_chans``."""
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_make_shards_keeps_each_images_mode_unless_told(tmp_path) -> None:
     assert set(_stored(tmp_path / "grey").values()) == {((12, 10, 1), "uint8")}
 
 
-def test_band_images_keep_their_pages_in_order_and_bad_ones_are_refused(tmp_path) -> None:
+def test_band_images_keep_their_pages_in_order_and_bad_ones_are_refused(tmp_path, capsys) -> None:
     bands = [np.full((6, 8), value, np.uint16) for value in (0, 1000, 65535)]
     first, rest = _tiff_bands(bands)
     first.save(tmp_path / "deep.tiff", save_all=True, append_images=rest)
@@ -77,13 +78,18 @@ def test_band_images_keep_their_pages_in_order_and_bad_ones_are_refused(tmp_path
     mixed.mkdir()
     first, rest = _tiff_bands([np.zeros((6, 8), np.uint8), np.zeros((6, 8, 3), np.uint8)])
     first.save(mixed / "x.tif", save_all=True, append_images=rest)
-    with pytest.raises(DataError, match=r"page 1 of .*x\.tif' has mode RGB"):
-        make_shards([str(mixed), str(tmp_path / "bad")])
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(mixed / "good.tif")
     float_image = tmp_path / "float"
     float_image.mkdir()
     Image.fromarray(np.zeros((4, 4), np.float32)).save(float_image / "f.tif")
-    with pytest.raises(DataError, match=r"f\.tif' has mode F.*--mode rgb"):
-        make_shards([str(float_image), str(tmp_path / "bad2")])
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(float_image / "good.tif")
+    capsys.readouterr()
+    # a bad file is skipped and listed (the conversion goes on); --strict makes that an error after writing
+    reasons = {mixed: r"page 1 of .*x\.tif' has mode RGB", float_image: r"f\.tif' has mode F.*--mode rgb"}
+    for folder, reason in reasons.items():
+        with pytest.raises(DataError, match=r"--strict: 1 item"):
+            make_shards([str(folder), str(tmp_path / f"bad-{folder.name}"), "--strict"])
+        assert re.search(reason, capsys.readouterr().out)
     with pytest.raises(DataError, match="bands.npy member holds a float32"):
         buffer = io.BytesIO()
         np.save(buffer, np.zeros((4, 4, 2), np.float32))

@@ -47,3 +47,15 @@ def test_part_keys_are_validated_by_their_objective() -> None:
         validate_objective("cl_mim", {"moco_v3": {"nope": 1}})
     with pytest.raises(ConfigError, match="objective.cl_weight"):
         validate_objective("cl_mim", {"cl_weight": -0.1})
+
+
+def test_the_driver_records_the_demo_hybrid() -> None:
+    """The driver's params/tags step (which collects the objective's frozen teachers) accepts the hybrid."""
+    from pathlib import Path
+
+    from maskray.config import load_config
+    from maskray.engine.driver import run_record
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo" / "cl_mim_hybrid.yaml")
+    params, _ = run_record(config)
+    assert params["objective.name"] == "cl_mim" and "objective.cl_weight" in params

@@ -218,6 +218,6 @@ def test_pretraining_starts_from_the_file_and_logs_its_hash(ray_session, demo_sh
     start = build_initial_encoder(config.model)
     expected = encoder_knn_metrics(start, eval_shard_sets(config.resolved().eval), config)
     assert result.metrics["knn_top1_random_init"] == pytest.approx(expected["knn_top1"], abs=1e-6)
-    trained, saved = load_encoder(next((tmp_path / "runs" / "from-file").glob("checkpoint_*")))
+    trained, saved = load_encoder(next(p for p in (tmp_path / "runs" / "from-file").glob("checkpoint_*") if p.is_dir()))
     assert saved.model.init_from == str(path)
     assert not torch.equal(trained.vit.blocks[0].attn.qkv.weight, start.vit.blocks[0].attn.qkv.weight)
