@@ -50,7 +50,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn as nn
@@ -74,6 +74,21 @@ from maskray.weights import RUN_ARTIFACT, read_weights_metadata, weights_init_kw
 RANDOM_TAG = "random-init (test only)"
 Source = Literal["maskray", "timm", "open_clip", "random"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+LocatedModel = TypeVar("LocatedModel", bound=BaseModel)
+
+
+def resolved_location(spec: LocatedModel, base: Path, tracking_uri: str) -> LocatedModel:
+    """A copy of ``spec`` (a model with ``path``, ``run_id`` and ``tracking_uri`` fields: a teacher, a tokenizer)
+    with ``path`` absolute (relative to ``base``) and a run id's ``tracking_uri`` fixed (default ``tracking_uri``,
+    the training run's store), for workers that run elsewhere."""
+    update: dict[str, Any] = {}
+    if spec.path is not None:
+        update["path"] = str((base / Path(spec.path).expanduser()).resolve())
+    if spec.run_id is not None and spec.tracking_uri is None:
+        update["tracking_uri"] = tracking_uri
+    return spec.model_copy(update=update)
 
 
 class TeacherSpec(BaseModel):
@@ -118,14 +133,8 @@ class TeacherSpec(BaseModel):
         return project_root() / Path(self.path).expanduser()
 
     def resolved(self, base: Path, tracking_uri: str) -> TeacherSpec:
-        """A copy with ``path`` absolute (relative to ``base``) and a run id's ``tracking_uri`` fixed (default
-        ``tracking_uri``, the training run's store), so workers elsewhere resolve the same teacher."""
-        update: dict[str, Any] = {}
-        if self.path is not None:
-            update["path"] = str((base / Path(self.path).expanduser()).resolve())
-        if self.run_id is not None and self.tracking_uri is None:
-            update["tracking_uri"] = tracking_uri
-        return self.model_copy(update=update)
+        """A copy that workers elsewhere resolve to the same teacher (:func:`resolved_location`)."""
+        return resolved_location(self, base, tracking_uri)
 
 
 def renormalize(

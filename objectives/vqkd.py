@@ -56,7 +56,7 @@ from maskray.models import MaskedViT, sincos_2d
 from maskray.models.pretrained import file_sha256
 from maskray.objective import Objective, ObjectiveOutput, ObjectiveParams, register_objective
 from maskray.passes import EncoderPass, PassOutput
-from maskray.teacher_sources import TeacherSpec, build_teacher, renormalize
+from maskray.teacher_sources import TeacherSpec, build_teacher, renormalize, resolved_location
 from maskray.teachers import FrozenTeacher
 
 ARTIFACT = "tokenizer"
@@ -275,13 +275,8 @@ class TokenizerSource(BaseModel):
                               "directory)")
 
     def resolved(self, base: Path, tracking_uri: str) -> TokenizerSource:
-        """A copy with ``path`` absolute (relative to ``base``) and a run id's store fixed, for the workers."""
-        update: dict[str, Any] = {}
-        if self.path is not None:
-            update["path"] = str((base / Path(self.path).expanduser()).resolve())
-        if self.run_id is not None and self.tracking_uri is None:
-            update["tracking_uri"] = tracking_uri
-        return self.model_copy(update=update)
+        """A copy with ``path`` absolute and a run id's store fixed, for the workers (as a teacher's)."""
+        return resolved_location(self, base, tracking_uri)
 
     def directory(self, download_to: str | Path) -> Path:
         """The local tokenizer directory (a run's artifact is downloaded under ``download_to``)."""
