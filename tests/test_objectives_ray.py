@@ -39,7 +39,7 @@ DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "moco_v3.yaml": (),
     "simmim.yaml": (),
     "cl_mim_hybrid.yaml": (),
-    "msn.yaml": (),
+    "msn.yaml": ("objective.focal_views=2",),  # the demo trains without focal crops; run them end to end
 }
 # config file -> (the demo config whose few-step run it needs, the override naming that run by "{run_id}"). A
 # teacher's run has its checkpoints deleted first: teachers come from the run's kept artifacts.
