@@ -74,6 +74,12 @@ class DataConfig(Section):
     hflip: bool = False
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="stop the run when more than this fraction of the samples read so far was "
+        "lost (truncated or missing shards, undecodable samples, sha256 mismatches); 1 never stops"
+    )
+    verify_sha256: bool = Field(False, description="check each sample's bytes against the manifest's sha256 "
+                                "while reading; a sample that differs is dropped and reported like a corrupt one")
 
     @field_validator("crop_scale")
     @classmethod

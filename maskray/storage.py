@@ -118,6 +118,21 @@ def read_text(location: str) -> str:
     return read_bytes(location).decode("utf-8")
 
 
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file (its parent directories created on a local disk)."""
+    filesystem, path = resolve(location)
+    filesystem.create_dir(posixpath.dirname(path) if is_uri(location) else os.path.dirname(path), recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def remove(location: str) -> None:
+    """Delete a file if it exists."""
+    filesystem, path = resolve(location)
+    if filesystem.get_file_info(path).type == pafs.FileType.File:
+        filesystem.delete_file(path)
+
+
 def make_dirs(location: str) -> None:
     """Create a directory and its parents (a no-op where the store has no directories, e.g. an S3 prefix)."""
     filesystem, path = resolve(location)

@@ -20,6 +20,7 @@ schema metadata stores ``num_classes``, ``class_names`` (a JSON list) and a free
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -66,6 +67,14 @@ class ShardSet:
     @property
     def labelled(self) -> bool:
         return self.num_classes > 0
+
+
+def member_sha256(members: dict[str, bytes]) -> str:
+    """The manifest's ``sha256`` of a sample: its member bytes (``cls`` excluded) concatenated in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(members):
+        digest.update(members[name])
+    return digest.hexdigest()
 
 
 def write_manifest(

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from maskray.config import Config
 from maskray.data import resolve_shards
+from maskray.data.health import clear_stop_note, raise_if_stopped, stop_note_location
 from maskray.data.reader import first_sample
 from maskray.data.sample import image_array
 from maskray.data.transforms import channel_stats
@@ -132,6 +133,8 @@ def run_pretraining(
         tracking_uri, config.tracking.experiment, run_name, params, {**run_tags, **(tags or {})}
     )
 
+    stop_note = stop_note_location(config.tracking.storage_path, run_name)
+    clear_stop_note(stop_note)
     ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -153,6 +156,7 @@ def run_pretraining(
     ok = False
     try:
         trainer.fit()
+        raise_if_stopped(stop_note)  # the workers stopped early for bad data (data.max_bad_fraction)
         ok = True
     finally:
         finish_run(tracking_uri, run_id, ok)
