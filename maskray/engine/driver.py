@@ -11,9 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mlflow.tracking import MlflowClient
-
-from maskray.config import Config
+from maskray.config import Config, project_root
 from maskray.data import resolve_shards
 from maskray.data.health import clear_stop_note, raise_if_stopped, stop_note_location
 from maskray.data.reader import first_sample
@@ -26,7 +24,9 @@ from maskray.objective import objective_teacher_specs
 from maskray.ray_env import ensure_ray
 from maskray.storage import make_dirs, resolve
 from maskray.teacher_sources import teacher_run_record
-from maskray.tracking import check_server, find_or_create_run, finish_run, run_url_hint
+from maskray.tracking import find_or_create_run, finish_run, run_metrics, run_url_hint, usable_tracking_uri
+
+FALLBACK_STORE = "mlflow-fallback.db"  # under the project root: where a run is tracked when no server answers
 
 
 @dataclass
@@ -126,8 +126,7 @@ def run_pretraining(
     params, run_tags = run_record(config)
     validate_inputs(config)
     run_name = run_name or default_run_name(config)
-    tracking_uri = config.tracking.resolved_uri()
-    check_server(tracking_uri)
+    tracking_uri = usable_tracking_uri(config.tracking.resolved_uri(), project_root() / FALLBACK_STORE)
     storage_filesystem, storage_path = storage_location(config.tracking.storage_path)
     run_id, resumed = find_or_create_run(
         tracking_uri, config.tracking.experiment, run_name, params, {**run_tags, **(tags or {})}
@@ -160,8 +159,7 @@ def run_pretraining(
         ok = True
     finally:
         finish_run(tracking_uri, run_id, ok)
-    run = MlflowClient(tracking_uri).get_run(run_id)
-    return PretrainResult(run_id, run_name, tracking_uri, dict(run.data.metrics), resumed)
+    return PretrainResult(run_id, run_name, tracking_uri, run_metrics(tracking_uri, run_id), resumed)
 
 
 def summary_lines(result: PretrainResult) -> list[str]:
