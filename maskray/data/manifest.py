@@ -120,6 +120,10 @@ def resolve_shards(spec: str, key: str = "data.shards") -> ShardSet:
 
     ``key`` names the config key (``data.shards``, ``eval.train_shards``, ...) in the one-line DataErrors.
     """
+    try:
+        storage.refuse_shell(spec, key)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     root = storage.absolute(spec)
     try:
         kind = storage.file_type(root)
