@@ -6,6 +6,7 @@ extra), a .parquet file, 'demo' or 'demo-clips'.
     python launch/make_shards.py path/to/clips data/clips --clips [--clip-format frames]
     python launch/make_shards.py path/to/videos data/clips --clips --frame-step 2 --frame-size 64 --clip-length 16
     python launch/make_shards.py demo-clips data/demo_clips
+    python launch/make_shards.py --verify data/digits/train   # re-hash every sample against the manifest
 """
 
 import sys

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import torch
 from safetensors.torch import load
@@ -32,6 +33,26 @@ ENCODER_FILE = "encoder.safetensors"
 CONFIG_FILE = "model.json"
 OBJECTIVE_STATE_FILE = "objective_state.pt"
 RNG_DIR = "rng"
+
+
+def refuse_writable_by_others(directory: str | os.PathLike, key: str = "checkpoint") -> None:
+    """A ConfigError when a local ``directory`` or anything in it is writable by its group or by everyone.
+
+    DeepSpeed's checkpoint loading unpickles (its checkpoint engine turns weights-only loading off), and unpickling
+    runs code: a checkpoint that another user could have replaced must not be loaded. Storage URIs (``s3://``, ...)
+    are not checked here: their access control is the bucket's, which must be trusted (see the README)."""
+    if storage.is_uri(directory) or not os.path.isdir(directory):
+        return
+    for root, dirs, files in os.walk(directory):
+        for name in [".", *dirs, *files]:
+            path = os.path.normpath(os.path.join(root, name))
+            mode = os.lstat(path).st_mode
+            if mode & (stat.S_IWGRP | stat.S_IWOTH) and not stat.S_ISLNK(mode):
+                raise ConfigError(
+                    f"{key}: '{path}' is writable by {'everyone' if mode & stat.S_IWOTH else 'its group'} "
+                    f"(mode {stat.S_IMODE(mode):o}); checkpoints are unpickled when loaded, so maskray loads only "
+                    f"ones that nobody else can change: chmod -R go-w '{directory}'"
+                )
 
 
 def encoder_from_state(config: Config, state: dict[str, torch.Tensor]) -> MaskedViT:

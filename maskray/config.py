@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from maskray.errors import ConfigError
-from maskray.storage import is_uri
+from maskray.storage import is_uri, refuse_shell
 
 
 class Section(BaseModel):
@@ -74,6 +74,18 @@ class DataConfig(Section):
     hflip: bool = False
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="stop the run when more than this fraction of the samples read so far was "
+        "lost (truncated or missing shards, undecodable samples, sha256 mismatches); 1 never stops"
+    )
+    verify_sha256: bool = Field(False, description="check each sample's bytes against the manifest's sha256 "
+                                "while reading; a sample that differs is dropped and reported like a corrupt one")
+
+    @field_validator("shards")
+    @classmethod
+    def _not_a_shell_command(cls, value: str) -> str:
+        refuse_shell(value)
+        return value
 
     @field_validator("crop_scale")
     @classmethod
@@ -140,6 +152,13 @@ class EvalConfig(Section):
     batch_size: int = Field(256, gt=0)
     random_init: bool = True
     every: int = Field(200, ge=0, description="k-NN every N optimizer steps during training (0: only at the end)")
+
+    @field_validator("train_shards", "test_shards")
+    @classmethod
+    def _not_a_shell_command(cls, value: str | None) -> str | None:
+        if value is not None:
+            refuse_shell(value)
+        return value
 
     @property
     def knn_enabled(self) -> bool:

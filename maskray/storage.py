@@ -9,6 +9,9 @@ it), wrapped as a pyarrow filesystem so that Ray Train's ``RunConfig(storage_fil
 Credentials and endpoints come from the environment, as each library reads them (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...);
 :func:`credential_env` collects the ones set, for a Ray runtime env, and nothing here logs them.
+
+Nothing here runs a shell command: WebDataset's ``pipe:CMD`` URLs (a shell runs CMD, its output is the file) are
+refused wherever a location enters (:func:`refuse_shell`), with one line naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+SHELL_PREFIXES = ("pipe:",)  # URL forms that WebDataset's gopen hands to a shell
+
 # Environment variables the S3 / GCS / Azure clients read, forwarded to Ray workers (by prefix or name).
 CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_")
 
@@ -32,8 +37,18 @@ def is_uri(location: str | os.PathLike) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def refuse_shell(location: str | os.PathLike, key: str = "") -> None:
+    """A ValueError naming the location (and ``key`` when given) when it is a shell command (``pipe:...``)."""
+    text = os.fspath(location)
+    if text.lstrip().startswith(SHELL_PREFIXES):
+        raise ValueError(f"{key + ': ' if key else ''}'{text}' is a shell command (pipe:), which maskray never runs; "
+                         "read shards through a filesystem URI instead (s3://, gs://, any fsspec scheme) or a path")
+
+
 def absolute(location: str | os.PathLike) -> str:
-    """A URI unchanged (without a trailing ``/``); a local path (or ``file://`` URI) made absolute."""
+    """A URI unchanged (without a trailing ``/``); a local path (or ``file://`` URI) made absolute. A ``pipe:``
+    command is refused (:func:`refuse_shell`)."""
+    refuse_shell(location)
     text = os.fspath(location)
     if is_uri(text):
         return text.rstrip("/")
@@ -116,6 +131,21 @@ def read_bytes(location: str) -> bytes:
 
 def read_text(location: str) -> str:
     return read_bytes(location).decode("utf-8")
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file (its parent directories created on a local disk)."""
+    filesystem, path = resolve(location)
+    filesystem.create_dir(posixpath.dirname(path) if is_uri(location) else os.path.dirname(path), recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def remove(location: str) -> None:
+    """Delete a file if it exists."""
+    filesystem, path = resolve(location)
+    if filesystem.get_file_info(path).type == pafs.FileType.File:
+        filesystem.delete_file(path)
 
 
 def make_dirs(location: str) -> None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port, local_s3
+from helpers import free_port, local_s3, start_mlflow_server, stop_process
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Read when @triton.jit decorates a kernel: set before anything imports Triton. Kernels only run on CPU
@@ -98,35 +98,8 @@ def s3_bucket():
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` process on 127.0.0.1 (free port; SQLite backend and served artifacts under a
     temporary directory), stopped after the module. Yields ``(tracking_uri, artifacts_dir)``."""
-    import subprocess
-    import time
-    import urllib.request
-
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-        "--workers", "1",
-    ]
-    with open(root / "server.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                log_tail = (root / "server.log").read_text()[-2000:]
-                raise RuntimeError(f"mlflow server did not start: {log_tail}") from None
-            time.sleep(0.5)
-    yield uri, root / "artifacts"
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    process = start_mlflow_server(root, port)
+    yield f"http://127.0.0.1:{port}", root / "artifacts"
+    stop_process(process)

@@ -146,3 +146,43 @@ def spawn_two(worker) -> dict:
     results = mp.Manager().dict()
     mp.spawn(worker, args=(free_port(), results), nprocs=2, join=True)
     return dict(results)
+
+
+def start_mlflow_server(root: Path, port: int):
+    """Start ``mlflow server`` on 127.0.0.1:``port`` (SQLite backend ``root/mlflow.db``, served artifacts in
+    ``root/artifacts``, log ``root/server.log``) and wait until it answers; returns the process. Restarting it with
+    the same ``root`` and ``port`` brings back the same store."""
+    import subprocess
+    import time
+    import urllib.request
+
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]
+    with open(root / "server.log", "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                log_tail = (root / "server.log").read_text()[-2000:]
+                raise RuntimeError(f"mlflow server did not start: {log_tail}") from None
+            time.sleep(0.5)
+
+
+def stop_process(process) -> None:
+    """Terminate a process started by a test (kill it after 30 s) and wait for it."""
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

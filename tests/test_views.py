@@ -186,7 +186,7 @@ def test_views_in_forkserver_loader_workers(tmp_path):
         loader = build_loader(shards, views, batch_size=4, rank=rank, world_size=2, num_workers=2,
                               multiprocessing_context="forkserver")
         for batch in loader:
-            assert batch_size(batch) == 4 and set(batch) == {*shapes, "key", "label", "skipped"}
+            assert batch_size(batch) == 4 and set(batch) == {*shapes, "key", "label", "skipped", "bad"}
             for name in ("big", "small", "mask"):
                 assert batch[name].shape == (4, *shapes[name])
             assert [crop.shape for crop in batch["crops"]] == [(4, *shape) for shape in shapes["crops"]]

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from maskray.data.convert import PARTS_DIR, REPORT_NAME, convert
+from maskray.data.health import verify_shards
 from maskray.data.manifest import ShardSet, read_manifest
 from maskray.data.sources import (
     CLIP_FORMATS,
@@ -42,9 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT_DIR/clips, one labelled frame of each train / test clip into OUT_DIR/train / OUT_DIR/test).",
     )
     parser.add_argument(
-        "source", metavar="SOURCE", help="an image or clip folder, a .parquet file, or the word 'demo' or 'demo-clips'"
+        "source", metavar="SOURCE", nargs="?",
+        help="an image or clip folder, a .parquet file, or the word 'demo' or 'demo-clips'",
     )
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory")
+    parser.add_argument("out_dir", metavar="OUT_DIR", nargs="?", help="output directory")
+    parser.add_argument("--verify", metavar="DIR", default=None,
+                        help="instead of converting: read every sample of the shard directory DIR and check its bytes "
+                        "against the manifest's sha256; lists the samples that differ and exits with code 2 if any")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards and manifest")
     parser.add_argument("--workers", type=_positive_int, default=1,
                         help="processes that load and write shards in parallel (default 1; same output for any N)")
@@ -100,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_shards(argv: Sequence[str] | None = None) -> list[ShardSet]:
     """Run the command (raises MaskrayError on bad input); prints one summary line per written directory."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verify is not None:
+        if args.source or args.out_dir:
+            parser.error("--verify DIR takes no SOURCE or OUT_DIR")
+        verify(args.verify)
+        return []
+    if args.source is None or args.out_dir is None:
+        parser.error("SOURCE and OUT_DIR are required (or --verify DIR)")
     if not 0.0 <= args.test_fraction < 1.0:
         raise DataError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
     out_dirs = _out_dirs(args)
@@ -138,6 +151,18 @@ def make_shards(argv: Sequence[str] | None = None) -> list[ShardSet]:
     if args.strict and skipped:
         raise DataError(f"--strict: {len(skipped)} item(s) could not be decoded and were skipped (listed above)")
     return written
+
+
+def verify(directory: str) -> None:
+    """``--verify DIR``: one summary line, one line per bad sample or short shard; DataError when any."""
+    good, lost = verify_shards(directory)
+    count = sum(item.count for item in lost)
+    print(f"{directory}: {good} samples match the manifest's sha256, {count} do not")
+    for item in lost:
+        where = f"sample '{item.key}' of {item.shard}" if item.key else f"{item.shard} ({item.count} samples)"
+        print(f"  bad: {where}: {item.reason}")
+    if lost:
+        raise DataError(f"--verify: {count} sample(s) of '{directory}' failed verification (listed above)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,7 @@ schema metadata stores ``num_classes``, ``class_names`` (a JSON list) and a free
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -68,6 +69,14 @@ class ShardSet:
         return self.num_classes > 0
 
 
+def member_sha256(members: dict[str, bytes]) -> str:
+    """The manifest's ``sha256`` of a sample: its member bytes (``cls`` excluded) concatenated in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(members):
+        digest.update(members[name])
+    return digest.hexdigest()
+
+
 def write_manifest(
     directory: str | os.PathLike,
     columns: dict[str, Sequence],
@@ -111,6 +120,10 @@ def resolve_shards(spec: str, key: str = "data.shards") -> ShardSet:
 
     ``key`` names the config key (``data.shards``, ``eval.train_shards``, ...) in the one-line DataErrors.
     """
+    try:
+        storage.refuse_shell(spec, key)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     root = storage.absolute(spec)
     try:
         kind = storage.file_type(root)

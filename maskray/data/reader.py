@@ -1,4 +1,5 @@
-"""Streaming reader: WebDataset shards -> batches of the transform's outputs plus ``label``, ``key``, ``skipped``.
+"""Streaming reader: WebDataset shards -> batches of the transform's outputs plus ``label``, ``key``, ``skipped``,
+``bad``.
 
 Shards are split over ``G = world_size * num_workers`` global loader workers, global worker id
 ``rank * num_workers + worker_id`` (explicit, never from the environment, so it works under Ray).
@@ -18,7 +19,10 @@ even when every rank seeded torch alike. A sample that fails to decode or transf
 the samples a truncated or corrupt tar did not deliver (its manifest count minus the samples read),
 are skipped with a warning and counted in the ``skipped`` field of the worker's next batch, so the
 sum of ``skipped`` over an epoch is the number of samples lost in it (as long as the worker that
-lost them yields at least one batch).
+lost them yields at least one batch). The batch's ``bad`` field names them: one :class:`Lost` per shard read
+short or sample dropped (:mod:`maskray.data.health` accounts for them over a run). With ``verify=True`` each
+sample's member bytes are checked against the manifest's ``sha256`` first, and a sample that differs is dropped
+the same way.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from maskray import storage
-from maskray.data.manifest import ShardSet
+from maskray.data.manifest import ShardSet, member_sha256, read_manifest
 from maskray.data.sample import DecodedSample
 from maskray.errors import DataError
 
@@ -46,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
 Transform = Callable[[DecodedSample], dict[str, Any]]
-RESERVED = ("key", "label", "skipped")  # batch fields the reader adds
+RESERVED = ("key", "label", "skipped", "bad")  # batch fields the reader adds
 
 
 def steps_per_epoch(shards: ShardSet, batch_size: int, world_size: int) -> int:
@@ -69,6 +73,7 @@ def build_loader(
     drop_last: bool = True,
     multiprocessing_context: str | None = None,
     epochs: int | None = 1,
+    verify: bool = False,
 ) -> Iterable[Batch]:
     """A re-iterable loader over one epoch of this rank's batches.
 
@@ -78,6 +83,7 @@ def build_loader(
     the samples within each worker through a buffer of that size. ``num_workers=0`` reads in-process.
     In resampled mode the epoch is ``steps_per_epoch(shards, batch_size, world_size)`` full batches.
     ``epochs=None`` streams epochs ``epoch, epoch + 1, ...`` forever through the same loader processes.
+    ``verify`` drops (and reports in ``bad``) samples whose bytes differ from the manifest's sha256.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
@@ -85,7 +91,8 @@ def build_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pipeline = wds.DataPipeline(
         _WorkerShards(shards, rank, world_size, resampled, shuffle_buffer > 0, seed, epoch, epochs),
-        _read_tars,
+        read_tars,
+        Verify(shards.root) if verify else None,
         _Shuffle(shuffle_buffer, rank, world_size, seed, epoch) if shuffle_buffer > 0 else None,
         _Decode(transform, rank),
         _Batch(batch_size, drop_last),
@@ -114,6 +121,7 @@ def infinite_batches(
     seed: int = 0,
     start_epoch: int = 0,
     multiprocessing_context: str | None = None,
+    verify: bool = False,
 ) -> Iterator[Batch]:
     """Full batches from epochs ``start_epoch``, ``start_epoch + 1``, ... forever, each epoch re-seeded.
 
@@ -141,6 +149,7 @@ def infinite_batches(
         drop_last=True,
         multiprocessing_context=multiprocessing_context,
         epochs=None,
+        verify=verify,
     )
 
 
@@ -152,10 +161,15 @@ def _global_worker(rank: int, world_size: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class _Skipped:
-    """Stream marker: ``count`` samples were lost upstream."""
+class Lost:
+    """``count`` samples of ``shard`` (its file name) lost: ``key`` names the sample when one was dropped, empty
+    when a shard ended early or could not be read; ``reason`` is the one-line cause. Also the stream marker that
+    carries the loss from the stage that saw it to the batcher."""
 
+    shard: str
     count: int
+    reason: str
+    key: str = ""
 
 
 class _WorkerShards(IterableDataset):
@@ -197,8 +211,8 @@ class _WorkerShards(IterableDataset):
                 yield self.shards[i]
 
 
-def _read_tars(shards: Iterable[tuple[str, int]]) -> Iterator[dict | _Skipped]:
-    """Raw samples (``__key__``, ``__url__``, ``png``/``cls``/...) of each tar, then a :class:`_Skipped`
+def read_tars(shards: Iterable[tuple[str, int]]) -> Iterator[dict | Lost]:
+    """Raw samples (``__key__``, ``__url__``, ``png``/``cls``/...) of each tar, then a :class:`Lost`
     marker for the samples a truncated or corrupt tar did not deliver."""
     for url, expected in shards:
         read, error = 0, ""
@@ -211,7 +225,7 @@ def _read_tars(shards: Iterable[tuple[str, int]]) -> Iterator[dict | _Skipped]:
             error = f" ({_reason(exc)})"
         if read < expected:
             logger.warning("shard '%s': read %d of %d samples%s; skipping the rest", url, read, expected, error)
-            yield _Skipped(expected - read)
+            yield Lost(os.path.basename(url), expected - read, f"read {read} of {expected} samples{error}")
 
 
 class _Shuffle:
@@ -221,23 +235,49 @@ class _Shuffle:
         self.bufsize, self.rank, self.world_size = bufsize, rank, world_size
         self.seed, self.epoch = seed, epoch
 
-    def __call__(self, samples: Iterator[dict | _Skipped]) -> Iterator[dict | _Skipped]:
+    def __call__(self, samples: Iterator[dict | Lost]) -> Iterator[dict | Lost]:
         worker, _ = _global_worker(self.rank, self.world_size)
         seed = int(np.random.SeedSequence([self.seed, self.epoch, worker]).generate_state(1)[0])
         return wds.shuffle(self.bufsize, initial=self.bufsize, seed=seed)(samples)
 
 
+class Verify:
+    """Drop (as ``Lost``) the samples whose member bytes do not hash to the manifest's ``sha256`` for their
+    (shard, key); the manifest is read once per loader worker, at its first sample."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def __call__(self, samples: Iterable[dict | Lost]) -> Iterator[dict | Lost]:
+        expected: dict[tuple[str, str], str] | None = None
+        for sample in samples:
+            if isinstance(sample, Lost):
+                yield sample
+                continue
+            if expected is None:
+                table = read_manifest(self.root).select(["shard", "key", "sha256"]).to_pydict()
+                expected = dict(zip(zip(table["shard"], table["key"], strict=True), table["sha256"], strict=True))
+            shard, key = os.path.basename(sample["__url__"]), sample["__key__"]
+            wanted = expected.get((shard, key))
+            if member_sha256(_decoded(sample).members) != wanted:
+                reason = "not in the manifest" if wanted is None else "bytes differ from the manifest's sha256"
+                logger.warning("skipping sample '%s' in shard '%s': %s", key, shard, reason)
+                yield Lost(shard, 1, reason, key)
+                continue
+            yield sample
+
+
 class _Decode:
-    """Raw sample -> ``{**transform(DecodedSample), "label", "key"}``; failures become ``_Skipped(1)``."""
+    """Raw sample -> ``{**transform(DecodedSample), "label", "key"}``; failures become a ``Lost`` of 1 sample."""
 
     def __init__(self, transform: Transform, rank: int):
         self.transform, self.rank = transform, rank
 
-    def __call__(self, samples: Iterable[dict | _Skipped]) -> Iterator[dict | _Skipped]:
+    def __call__(self, samples: Iterable[dict | Lost]) -> Iterator[dict | Lost]:
         if get_worker_info() is not None:  # a loader process: its torch seed is per worker, not yet per rank
             torch.manual_seed(int(np.random.SeedSequence([torch.initial_seed(), self.rank]).generate_state(1)[0]))
         for sample in samples:
-            if isinstance(sample, _Skipped):
+            if isinstance(sample, Lost):
                 yield sample
                 continue
             key = sample["__key__"]
@@ -248,7 +288,7 @@ class _Decode:
             except Exception as exc:  # warn and continue, like wds.warn_and_continue
                 shard = os.path.basename(sample["__url__"])
                 logger.warning("skipping sample '%s' in shard '%s': %s", key, shard, exc)
-                yield _Skipped(1)
+                yield Lost(shard, 1, _reason(exc), key)
                 continue
             if not isinstance(out, dict) or any(name in out for name in RESERVED):
                 raise TypeError(f"a transform must return a dict without the keys {RESERVED}, got {type(out).__name__}"
@@ -265,13 +305,13 @@ def _decoded(sample: dict) -> DecodedSample:
 
 def first_sample(shards: ShardSet) -> DecodedSample | None:
     """The first sample of the first shard (None when it delivers none), e.g. for checks in the driver."""
-    for sample in _read_tars([(shards.urls[0], shards.shard_sizes[0])]):
-        return None if isinstance(sample, _Skipped) else _decoded(sample)
+    for sample in read_tars([(shards.urls[0], shards.shard_sizes[0])]):
+        return None if isinstance(sample, Lost) else _decoded(sample)
     return None
 
 
 class _Batch:
-    """Collate decoded samples into batches, summing ``_Skipped`` markers into ``skipped``.
+    """Collate decoded samples into batches, summing ``Lost`` markers into ``skipped`` and listing them in ``bad``.
 
     One full batch is held back so that losses after the last batch are still counted: they are
     added to the final batch (or to the partial batch when ``drop_last`` is false).
@@ -280,25 +320,26 @@ class _Batch:
     def __init__(self, batch_size: int, drop_last: bool):
         self.batch_size, self.drop_last = batch_size, drop_last
 
-    def __call__(self, samples: Iterable[dict | _Skipped]) -> Iterator[Batch]:
+    def __call__(self, samples: Iterable[dict | Lost]) -> Iterator[Batch]:
         held: Batch | None = None
         items: list[dict] = []
-        skipped = 0
+        lost: list[Lost] = []
         for sample in samples:
-            if isinstance(sample, _Skipped):
-                skipped += sample.count
+            if isinstance(sample, Lost):
+                lost.append(sample)
                 continue
             items.append(sample)
             if len(items) == self.batch_size:
                 if held is not None:
                     yield held
-                held, items, skipped = _collate(items, skipped), [], 0
+                held, items, lost = _collate(items, lost), [], []
         if items and not self.drop_last:
             if held is not None:
                 yield held
-            held, skipped = _collate(items, skipped), 0
+            held, lost = _collate(items, lost), []
         if held is not None:
-            held["skipped"] += skipped
+            held["skipped"] += sum(item.count for item in lost)
+            held["bad"] += lost
             yield held
 
 
@@ -332,5 +373,5 @@ def collate(values: list) -> Any:
     raise TypeError(f"cannot collate {type(first).__name__} (expected tensors, numbers, strings, dicts, lists)")
 
 
-def _collate(items: list[dict], skipped: int) -> Batch:
-    return {**collate(items), "skipped": skipped}
+def _collate(items: list[dict], lost: list[Lost]) -> Batch:
+    return {**collate(items), "skipped": sum(item.count for item in lost), "bad": list(lost)}

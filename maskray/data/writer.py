@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import re
@@ -22,6 +21,7 @@ from maskray.data.manifest import (
     SHARD_GLOB,
     SHARD_TEMPLATE,
     ShardSet,
+    member_sha256,
     resolve_shards,
     write_manifest,
 )
@@ -151,14 +151,11 @@ def write_tar(samples: Iterable[Sample], path: Path, num_names: int, seen: set[s
                         record["cls"] = str(sample.label).encode("ascii")
                     writer.write(record)
                     seen.add(sample.key)
-                    digest = hashlib.sha256()
-                    for name in sorted(sample.members):
-                        digest.update(sample.members[name])
                     columns["shard"].append(path.name)
                     columns["key"].append(sample.key)
                     columns["label"].append(-1 if sample.label is None else sample.label)
                     columns["nbytes"].append(sum(len(data) for data in sample.members.values()))
-                    columns["sha256"].append(digest.hexdigest())
+                    columns["sha256"].append(member_sha256(sample.members))
                     columns["frames"].append(sample.frames)
             finally:
                 writer.close()

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mlflow.tracking import MlflowClient
-
-from maskray.config import Config
+from maskray.checkpoint import refuse_writable_by_others
+from maskray.config import Config, project_root
 from maskray.data import resolve_shards
+from maskray.data.health import clear_stop_note, raise_if_stopped, stop_note_location
 from maskray.data.reader import first_sample
 from maskray.data.sample import image_array
 from maskray.data.transforms import channel_stats
@@ -23,9 +23,13 @@ from maskray.eval.protocol import eval_shard_sets
 from maskray.models import build_encoder, load_pretrained
 from maskray.objective import objective_teacher_specs
 from maskray.ray_env import ensure_ray
+from maskray.storage import join as storage_join
 from maskray.storage import make_dirs, resolve
 from maskray.teacher_sources import teacher_run_record
-from maskray.tracking import check_server, find_or_create_run, finish_run, run_url_hint
+from maskray.tracking import find_or_create_run, finish_run, run_metrics, run_url_hint, usable_tracking_uri
+from maskray.tracking.redact import redact_uri_credentials
+
+FALLBACK_STORE = "mlflow-fallback.db"  # under the project root: where a run is tracked when no server answers
 
 
 @dataclass
@@ -125,13 +129,16 @@ def run_pretraining(
     params, run_tags = run_record(config)
     validate_inputs(config)
     run_name = run_name or default_run_name(config)
-    tracking_uri = config.tracking.resolved_uri()
-    check_server(tracking_uri)
+    tracking_uri = usable_tracking_uri(config.tracking.resolved_uri(), project_root() / FALLBACK_STORE)
     storage_filesystem, storage_path = storage_location(config.tracking.storage_path)
     run_id, resumed = find_or_create_run(
         tracking_uri, config.tracking.experiment, run_name, params, {**run_tags, **(tags or {})}
     )
 
+    # a resume unpickles the run's checkpoints: refuse them before any worker starts if others can write them
+    refuse_writable_by_others(storage_join(config.tracking.storage_path, run_name), "tracking.storage_path")
+    stop_note = stop_note_location(config.tracking.storage_path, run_name)
+    clear_stop_note(stop_note)
     ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -153,11 +160,11 @@ def run_pretraining(
     ok = False
     try:
         trainer.fit()
+        raise_if_stopped(stop_note)  # the workers stopped early for bad data (data.max_bad_fraction)
         ok = True
     finally:
         finish_run(tracking_uri, run_id, ok)
-    run = MlflowClient(tracking_uri).get_run(run_id)
-    return PretrainResult(run_id, run_name, tracking_uri, dict(run.data.metrics), resumed)
+    return PretrainResult(run_id, run_name, tracking_uri, run_metrics(tracking_uri, run_id), resumed)
 
 
 def summary_lines(result: PretrainResult) -> list[str]:
@@ -169,6 +176,6 @@ def summary_lines(result: PretrainResult) -> list[str]:
         lines.append(f"k-NN top-1 (pretrained encoder):  {metrics['knn_top1']:.2f}%")
     if "knn_top1_random_init" in metrics:
         lines.append(f"k-NN top-1 (random-init encoder): {metrics['knn_top1_random_init']:.2f}%")
-    lines.append(f"MLflow UI: {run_url_hint(result.tracking_uri)}")
+    lines.append(f"MLflow UI: {redact_uri_credentials(run_url_hint(result.tracking_uri))}")
     lines.append(f"mlflow_run_id={result.run_id}")
     return lines

@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from maskray.checkpoint import CONFIG_FILE, DEEPSPEED_DIR, ENCODER_FILE, OBJECTIVE_STATE_FILE, RNG_DIR
+from maskray.checkpoint import (
+    CONFIG_FILE,
+    DEEPSPEED_DIR,
+    ENCODER_FILE,
+    OBJECTIVE_STATE_FILE,
+    RNG_DIR,
+    refuse_writable_by_others,
+)
 from maskray.config import Config
 from maskray.context import RankRandomness
 from maskray.objective import Objective
@@ -58,7 +65,9 @@ def load_training_state(
 ) -> tuple[int, str]:
     """Restore model, optimizer, scheduler, teachers, extra state and this rank's generators; returns
     ``(step, mlflow_run_id)``. Generators that the checkpoint lacks (another world size, or a checkpoint from
-    before the objective platform) stay as seeded, with a warning."""
+    before the objective platform) stay as seeded, with a warning. A directory that others can write is refused
+    before DeepSpeed unpickles anything (:func:`~maskray.checkpoint.refuse_writable_by_others`)."""
+    refuse_writable_by_others(directory)
     _, client_state = engine.load_checkpoint(os.path.join(directory, DEEPSPEED_DIR))
     if client_state is None:
         raise RuntimeError(f"no DeepSpeed checkpoint could be loaded from {directory}")

@@ -34,6 +34,7 @@ from maskray.checkpoint import encoder_from_state
 from maskray.config import Config
 from maskray.context import RankRandomness, StepContext
 from maskray.data import batch_size, infinite_batches, resolve_shards
+from maskray.data.health import DataHealth, stop_note_location
 from maskray.data.transforms import channel_stats
 from maskray.distributed import gathered
 from maskray.engine.deepspeed_setup import build_engine, encoder_state, use_bf16
@@ -195,12 +196,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     del initial_weights
 
     shards = resolve_shards(config.data.shards)
-    batches = infinite_batches(
+    health = DataHealth(config.data.max_bad_fraction, rank, device,
+                        stop_note_location(config.tracking.storage_path, context.get_experiment_name()))
+    batches = health.watch(infinite_batches(
         shards, objective.inputs(config.model, config.data), batch_size=config.data.batch_size, rank=rank,
         world_size=world, num_workers=config.data.num_workers, resampled=config.data.resampled,
         shuffle_buffer=config.data.shuffle_buffer, seed=config.train.seed * 1_000_003 + start,
         multiprocessing_context="forkserver" if config.data.num_workers > 0 else None,
-    )
+        verify=config.data.verify_sha256,
+    ))
     stats = WindowStats(device)
     skipped_total = 0.0
     for step in range(start, last_step):
@@ -219,6 +223,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 print(f"[rank 0] step {done}/{config.train.steps} loss {window['loss']:.4f} "
                       f"lr {lr:.2e} {window['images_per_s']:.0f} img/s", file=sys.__stdout__, flush=True)
             stats.reset()
+            if health.check(logger):  # too much data lost: every rank stops here, the driver raises the reason
+                return
         knn_now = config.eval.knn_enabled and config.eval.every and done % config.eval.every == 0 and done < last_step
         checkpoint_now = done % config.train.checkpoint_every == 0 or done == last_step
         if knn_now or checkpoint_now:  # one gather serves both (a collective under ZeRO-3: every rank calls it)

@@ -7,8 +7,12 @@ from maskray.tracking.mlflow_run import (
     ensure_experiment,
     find_or_create_run,
     finish_run,
+    run_metrics,
     run_url_hint,
+    server_answers,
+    usable_tracking_uri,
 )
+from maskray.tracking.redact import redact_params
 
 __all__ = [
     "RunLogger",
@@ -17,5 +21,9 @@ __all__ = [
     "ensure_experiment",
     "find_or_create_run",
     "finish_run",
+    "redact_params",
+    "run_metrics",
     "run_url_hint",
+    "server_answers",
+    "usable_tracking_uri",
 ]
