@@ -16,15 +16,23 @@ checkpoint are trained again. Two rules keep every ``(metric, step)`` in the his
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from maskray.tracking import RunLogger
 
 
 def last_logged_steps(logger: RunLogger) -> dict[str, int]:
-    """``{metric: highest step logged}`` for every metric of the run."""
-    keys = logger.client.get_run(logger.run_id).data.metrics
-    return {key: max(step for step, _ in logger.metric_history(key)) for key in keys}
+    """``{metric: highest step logged}`` for every metric of the run; empty, with a warning, when the tracking
+    store cannot be read (training goes on; only the second rule of this module is then off)."""
+    try:
+        keys = logger.client.get_run(logger.run_id).data.metrics
+        return {key: max(step for step, _ in logger.metric_history(key)) for key in keys}
+    except Exception as exc:  # noqa: BLE001 - any tracking failure: warn and train on
+        logging.getLogger(__name__).warning(
+            "cannot read the logged steps of MLflow run %s (%s: %s); a restart may log a step again",
+            logger.run_id, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return {}
 
 
 class HeldMetrics:
