@@ -180,7 +180,7 @@ def run_pretraining(
     status = "FAILED"
     try:
         stopped = trainer.fit().return_value  # rank 0's: why the workers stopped early, if they did
-        status = "KILLED" if stop.requested.is_set() else "FAILED" if stopped else "FINISHED"
+        status = "FINISHED" if not stopped else "KILLED" if stop.requested.is_set() else "FAILED"
     finally:
         stop.close()
         MlflowClient(tracking_uri).set_terminated(run_id, status)
