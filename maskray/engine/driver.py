@@ -29,7 +29,7 @@ from maskray.objective import objective_teacher_specs
 from maskray.ray_env import ensure_ray
 from maskray.storage import make_dirs, resolve
 from maskray.teacher_sources import teacher_run_record
-from maskray.tracking import check_server, find_or_create_run, run_url_hint
+from maskray.tracking import check_server, find_or_create_run, finish_run, run_url_hint
 
 
 @dataclass
@@ -136,8 +136,8 @@ def run_pretraining(
 
     ``tags`` are added to a new run's tags (a sweep's trial: its parent run and sweep name). Attaches to a
     running Ray (a Tune trial, a cluster job) or starts a local one. Raises :class:`~maskray.errors.Interrupted`
-    after a SIGTERM (the workers checkpointed; MLflow status KILLED) and
-    :class:`~maskray.errors.TrainingStopped` when the workers stopped on non-finite losses (status FAILED).
+    after a SIGTERM (the workers checkpointed) and :class:`~maskray.errors.TrainingStopped` when they stopped on
+    non-finite losses; the MLflow run is then FAILED until a re-submission resumes it.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -177,13 +177,12 @@ def run_pretraining(
             checkpoint_config=CheckpointConfig(num_to_keep=config.scaling.checkpoints_to_keep),
         ),
     )
-    status = "FAILED"
+    stopped = "failed"
     try:
         stopped = trainer.fit().return_value  # rank 0's: why the workers stopped early, if they did
-        status = "FINISHED" if not stopped else "KILLED" if stop.requested.is_set() else "FAILED"
     finally:
         stop.close()
-        MlflowClient(tracking_uri).set_terminated(run_id, status)
+        finish_run(tracking_uri, run_id, not stopped)
     if stopped and stop.requested.is_set():
         raise Interrupted(f"{stopped}: run '{run_name}' checkpointed; re-submit it with --run-name {run_name} "
                           "to resume")
