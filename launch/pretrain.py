@@ -5,7 +5,9 @@
     python launch/pretrain.py --list-objectives | --list-backbones
 
 Without a cluster a local Ray starts; under ``ray job submit`` the job attaches to the cluster. Re-running
-with the same ``--run-name`` resumes it. On success the last line printed is ``mlflow_run_id=<id>``.
+with the same ``--run-name`` resumes it. On success the last line printed is ``mlflow_run_id=<id>``. SIGTERM
+checkpoints at the next step and exits with one line and code 143 (re-submit the run name to resume); a run
+stopped by ``train.max_bad_batches`` exits with code 1; bad input exits with code 2 before any worker starts.
 ``--list-objectives`` prints every registered objective (plugins included) with its config keys, defaults and
 bounds; ``--list-backbones`` the timm archs ``model.arch`` accepts; neither starts Ray.
 """
@@ -50,8 +52,10 @@ def main() -> int:
 
     from maskray.engine.driver import run_pretraining, summary_lines
 
-    result = run_pretraining(config, run_name=args.run_name, max_steps=args.max_steps)
-    ray.shutdown()  # stop forwarding worker logs, so the summary is the last thing printed
+    try:
+        result = run_pretraining(config, run_name=args.run_name, max_steps=args.max_steps)
+    finally:
+        ray.shutdown()  # stop forwarding worker logs, so the summary (or the error line) is the last thing printed
     print("\n".join(summary_lines(result)), flush=True)
     return 0
 

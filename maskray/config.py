@@ -127,17 +127,29 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(400, gt=0)
     seed: int = 0
+    max_bad_batches: int = Field(
+        20, gt=0, description="stop the run after this many consecutive batches whose loss is non-finite (NaN/inf) "
+        "on any rank; each such batch is dropped (no backward) and counted in the metric bad_batches"
+    )
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class ScalingSection(Section):
-    """How many Ray Train workers and what each one gets."""
+    """How many Ray Train workers and what each one gets.
+
+    ``max_failures`` (Ray Train's FailureConfig): how many times a run whose worker died or raised is restarted
+    from its latest checkpoint, in the same MLflow run. The default 3 survives the occasional lost node or
+    preempted worker of a run that lasts days, while a bug that fails every attempt stops after 3 restarts
+    instead of looping forever (-1: unlimited, for preemptible fleets that are known to be healthy; 0: none).
+    Ray counts node preemptions announced by a drain separately (unlimited).
+    """
 
     workers: int = Field(2, ge=1)
     use_gpu: bool | None = Field(None, description="null: use GPUs when the cluster has them")
     cpus_per_worker: float = Field(1.0, gt=0.0)
-    max_failures: int = Field(0, ge=-1)
+    max_failures: int = Field(3, ge=-1, description="restarts from the latest checkpoint after a worker failure "
+                              "(-1: unlimited, 0: none)")
     checkpoints_to_keep: int = Field(2, ge=1)
 
 

@@ -10,6 +10,7 @@ class MaskrayError(Exception):
     """
 
     exit_code = 2
+    label = "error"
 
 
 class ConfigError(MaskrayError):
@@ -18,3 +19,17 @@ class ConfigError(MaskrayError):
 
 class DataError(MaskrayError):
     """Missing, empty or unreadable data (shard directory, manifest, source)."""
+
+
+class TrainingStopped(MaskrayError):
+    """Training stopped before its last step and cannot go on by itself (non-finite losses); exit code 1."""
+
+    exit_code = 1
+
+
+class Interrupted(MaskrayError):
+    """The run was asked to stop (SIGTERM) and checkpointed; re-submitting it resumes. Exit code 143
+    (128 + SIGTERM), as schedulers expect of a terminated job."""
+
+    exit_code = 143
+    label = "stopped"

@@ -133,7 +133,9 @@ def test_two_by_two_sweep_gives_four_finished_runs_under_one_parent(ray_session,
 @pytest.mark.slow
 def test_a_failing_trial_does_not_lose_the_others(ray_session, demo_shards, tmp_path) -> None:
     grid = parse_grid(["objective.fail=false,true"])
-    base, trials = plan_trials(CONFIG, _overrides(demo_shards, tmp_path, "objective.name=failing_mae"), grid, "f")
+    # max_failures 0: the failure is deterministic, restarting the trial's workers would only repeat it
+    base, trials = plan_trials(CONFIG, _overrides(demo_shards, tmp_path, "objective.name=failing_mae",
+                                                  "scaling.max_failures=0"), grid, "f")
     result = run_sweep(base, trials, grid, "f", tmp_path / "sweep.png")
     assert [trial.run_name for trial in result.finished] == ["f-0"]
     assert [trial.run_name for trial, _ in result.failed] == ["f-1"]

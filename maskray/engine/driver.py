@@ -1,7 +1,9 @@
 """The driver: validate everything, create the MLflow run, build the TorchTrainer, fit, report.
 
 Runs wherever ``launch/pretrain.py`` runs: on a laptop it starts a local Ray; under ``ray job submit`` it
-attaches to the cluster. Nothing here imports DeepSpeed (workers do).
+attaches to the cluster. Nothing here imports DeepSpeed (workers do). A worker that dies or raises restarts the
+group from the latest checkpoint (``scaling.max_failures``); a SIGTERM to the driver has the workers checkpoint
+and stop (:mod:`maskray.engine.stopping`), and :class:`~maskray.errors.Interrupted` says how to resume.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from maskray.checkpoint import refuse_writable_by_others
+from maskray import storage
+from maskray.checkpoint import checkpoint_step, latest_checkpoint, read_checkpoint_config, refuse_writable_by_others
 from maskray.config import Config, project_root
 from maskray.data import resolve_shards
 from maskray.data.health import clear_stop_note, raise_if_stopped, stop_note_location
 from maskray.data.reader import first_sample
 from maskray.data.sample import image_array
 from maskray.data.transforms import channel_stats
-from maskray.errors import ConfigError, DataError
+from maskray.errors import ConfigError, DataError, Interrupted, TrainingStopped
 from maskray.eval.protocol import eval_shard_sets
 from maskray.models import build_encoder, load_pretrained
 from maskray.objective import objective_teacher_specs
@@ -96,6 +99,23 @@ def storage_location(location: str):
         raise ConfigError(f"tracking.storage_path: cannot use '{location}': {first}") from None
 
 
+def check_resume_world_size(config: Config, run_name: str) -> None:
+    """Refuse (ConfigError, before any worker starts) to resume a run under another world size than its latest
+    checkpoint's (``scaling.workers`` in its ``model.json``): the DeepSpeed ZeRO optimizer state is saved as one
+    shard per rank and the data stream is split by rank, so the run resumes with its own worker count."""
+    try:
+        checkpoint = latest_checkpoint(storage.join(config.tracking.storage_path, run_name))
+    except ConfigError:  # nothing to resume
+        return
+    saved = read_checkpoint_config(checkpoint).scaling.workers
+    if saved != config.scaling.workers:
+        raise ConfigError(
+            f"scaling.workers: run '{run_name}' was checkpointed with {saved} workers (step "
+            f"{checkpoint_step(checkpoint)}) and cannot resume with {config.scaling.workers}; re-submit it with "
+            f"--workers {saved} (or start a new run name from its weights with model.init_from)"
+        )
+
+
 def _scaling(config: Config, workers: int):
     import ray
     from ray.train import ScalingConfig
@@ -118,11 +138,14 @@ def run_pretraining(
     """Train ``config`` on Ray. Re-using ``run_name`` resumes that run (checkpoint and MLflow run).
 
     ``tags`` are added to a new run's tags (a sweep's trial: its parent run and sweep name). Attaches to a
-    running Ray (a Tune trial, a cluster job) or starts a local one.
+    running Ray (a Tune trial, a cluster job) or starts a local one. Raises :class:`~maskray.errors.Interrupted`
+    after a SIGTERM (the workers checkpointed) and :class:`~maskray.errors.TrainingStopped` when they stopped on
+    non-finite losses; the MLflow run is then FAILED until a re-submission resumes it.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from maskray.engine.stopping import DriverStop
     from maskray.engine.worker import train_loop_per_worker
 
     config = config.resolved()
@@ -131,6 +154,7 @@ def run_pretraining(
     run_name = run_name or default_run_name(config)
     tracking_uri = usable_tracking_uri(config.tracking.resolved_uri(), project_root() / FALLBACK_STORE)
     storage_filesystem, storage_path = storage_location(config.tracking.storage_path)
+    check_resume_world_size(config, run_name)
     run_id, resumed = find_or_create_run(
         tracking_uri, config.tracking.experiment, run_name, params, {**run_tags, **(tags or {})}
     )
@@ -140,6 +164,7 @@ def run_pretraining(
     stop_note = stop_note_location(config.tracking.storage_path, run_name)
     clear_stop_note(stop_note)
     ensure_ray()
+    stop = DriverStop(run_id)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -147,6 +172,7 @@ def run_pretraining(
             "mlflow_run_id": run_id,
             "tracking_uri": tracking_uri,
             "max_steps": max_steps,
+            "stop_request": stop.name,
         },
         scaling_config=_scaling(config, config.scaling.workers),
         run_config=RunConfig(
@@ -157,13 +183,20 @@ def run_pretraining(
             checkpoint_config=CheckpointConfig(num_to_keep=config.scaling.checkpoints_to_keep),
         ),
     )
-    ok = False
+    stopped = "failed"
     try:
-        trainer.fit()
-        raise_if_stopped(stop_note)  # the workers stopped early for bad data (data.max_bad_fraction)
-        ok = True
+        stopped = trainer.fit().return_value  # rank 0's: why the workers stopped early, if they did
+        if not stopped and storage.is_file(stop_note):
+            stopped = "bad data"
     finally:
-        finish_run(tracking_uri, run_id, ok)
+        stop.close()
+        finish_run(tracking_uri, run_id, not stopped)
+    if stopped and stop.requested.is_set():
+        raise Interrupted(f"{stopped}: run '{run_name}' checkpointed; re-submit it with --run-name {run_name} "
+                          "to resume")
+    raise_if_stopped(stop_note)  # the workers stopped early for bad data (data.max_bad_fraction)
+    if stopped:
+        raise TrainingStopped(stopped)
     return PretrainResult(run_id, run_name, tracking_uri, run_metrics(tracking_uri, run_id), resumed)
 
 

@@ -5,12 +5,16 @@ weights when set) and the objective, then seeds its own generators from (seed, r
 DeepSpeed engine, moves the objective's teachers to the device, streams its split of the shards through the
 objective's own input transform, and runs ``train.steps`` optimizer steps. After each optimizer step the objective's
 EMA teachers are updated. Every ``train.checkpoint_every`` steps all ranks save their training state and call
-``ray.train.report`` with it. Rank 0 logs to the MLflow run that the driver created (every objective metric averaged
-over ranks) and runs the k-NN evaluation: the initial encoder before the first step, logged as ``*_random_init``
-(with ``model.init_from``, the released weights), the trained one every ``eval.every`` steps and at the end. At the
-end rank 0 also logs the final evaluation encoder as the run's artifact ``encoder/encoder.safetensors`` (the export
-format, :mod:`maskray.weights`), which outlives the rotated checkpoints (a frozen teacher's ``run_id`` source), and
-the objective's kept artifacts (:meth:`~maskray.objective.Objective.export_artifacts`).
+``ray.train.report`` with it. A batch whose loss is non-finite on any rank is dropped on all of them (counted in
+``bad_batches``; ``train.max_bad_batches`` in a row stop the run, its last checkpoint kept), and a SIGTERM to the
+driver or a worker checkpoints at the next step (:mod:`maskray.engine.stopping`). Rank 0 logs to the MLflow run
+that the driver created (every objective metric averaged over ranks; held until the next checkpoint, so that a
+restart never logs a step twice: :mod:`maskray.engine.metric_log`) and runs the k-NN evaluation: the initial
+encoder before the first step, logged as ``*_random_init`` (with ``model.init_from``, the released weights), the
+trained one every ``eval.every`` steps and at the end. At the end rank 0 also logs the final evaluation encoder as
+the run's artifact ``encoder/encoder.safetensors`` (the export format, :mod:`maskray.weights`), which outlives the
+rotated checkpoints (a frozen teacher's ``run_id`` source), and the objective's kept artifacts
+(:meth:`~maskray.objective.Objective.export_artifacts`).
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from maskray.checkpoint import encoder_from_state
-from maskray.config import Config
+from maskray.config import Config, TrainConfig
 from maskray.context import RankRandomness, StepContext
 from maskray.data import batch_size, infinite_batches, resolve_shards
 from maskray.data.health import DataHealth, stop_note_location
 from maskray.data.transforms import channel_stats
 from maskray.distributed import gathered
 from maskray.engine.deepspeed_setup import build_engine, encoder_state, use_bf16
+from maskray.engine.metric_log import HeldMetrics
+from maskray.engine.stopping import DRIVER_REQUEST, StopSignal, WorkerTerminated, install_worker_sigterm
 from maskray.engine.training_state import load_training_state, save_training_state
 from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
 from maskray.models import MaskedViT, build_encoder, load_pretrained
@@ -62,38 +68,66 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
 @dataclass
 class StepRecord:
     """What one optimizer step produced: the mean loss over its micro-batches, the images it saw, samples the
-    loader skipped, seconds waiting for data, and the mean of each metric."""
+    loader skipped, batches dropped for a non-finite loss, seconds waiting for data, and the mean of each
+    metric."""
 
     loss: float
     images: int
     skipped: int
+    bad: int
     wait: float
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class NonFiniteLoss(RuntimeError):
+    """``train.max_bad_batches`` consecutive batches had a non-finite loss (raised on every rank at once)."""
+
+
+def finite_on_all_ranks(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite on every rank (collective: one all-reduce, so all ranks take the same branch)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
 def optimizer_step(
-    engine, objective: Objective, batches: Iterator[dict], ctx: StepContext, accum: int, device, dtype
+    engine, objective: Objective, batches: Iterator[dict], ctx: StepContext, accum: int, device, dtype,
+    max_bad: int = TrainConfig.model_fields["max_bad_batches"].default,
 ) -> StepRecord:
     """``accum`` micro-batches (DeepSpeed steps the optimizer at the last), then the objective's after-step hook
-    (EMA teachers: once per optimizer step, never per micro-batch)."""
+    (EMA teachers: once per optimizer step, never per micro-batch).
+
+    A micro-batch whose loss is non-finite on any rank is dropped on every rank before its backward and the
+    next batch takes its place, so DeepSpeed's engine (gradients, micro-step and step counters, LR schedule)
+    never sees it; ``max_bad`` consecutive dropped batches raise :class:`NonFiniteLoss`."""
     wait = loss_sum = 0.0
-    images = skipped = 0
+    images = skipped = bad = 0
     metrics: dict[str, float] = defaultdict(float)
     for micro in range(accum):
-        start = time.perf_counter()
-        batch = next(batches)
-        wait += time.perf_counter() - start
-        skipped += int(batch.get("skipped", 0))
-        images += batch_size(batch)
         ctx.micro_step = micro
-        out = engine(to_device(batch, device, dtype), ctx)
+        in_a_row = 0
+        while True:
+            start = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - start
+            skipped += int(batch.get("skipped", 0))
+            out = engine(to_device(batch, device, dtype), ctx)
+            if finite_on_all_ranks(out.loss):
+                break
+            bad += 1  # no backward: its graph goes with ``out`` at the next forward
+            in_a_row += 1
+            if in_a_row == max_bad:
+                raise NonFiniteLoss(f"train.max_bad_batches: {max_bad} consecutive batches had a non-finite loss "
+                                    f"at step {ctx.step + 1}")
+        images += batch_size(batch)
         engine.backward(out.loss)
         engine.step()
         loss_sum += out.loss.detach().float().item()
         for key, value in out.metrics.items():
             metrics[key] += float(value) / accum
     metrics.update(objective.after_optimizer_step(ctx))
-    return StepRecord(loss_sum / accum, images, skipped, wait, dict(metrics))
+    return StepRecord(loss_sum / accum, images, skipped, bad, wait, dict(metrics))
 
 
 class WindowStats:
@@ -104,7 +138,7 @@ class WindowStats:
         self.reset()
 
     def reset(self) -> None:
-        self.loss = self.steps = self.images = self.skipped = self.wait = self.busy = 0.0
+        self.loss = self.steps = self.images = self.skipped = self.bad = self.wait = self.busy = 0.0
         self.metrics: dict[str, float] = defaultdict(float)
         self.start = time.perf_counter()
 
@@ -113,6 +147,7 @@ class WindowStats:
         self.steps += 1
         self.images += record.images
         self.skipped += record.skipped
+        self.bad += record.bad
         self.wait += record.wait
         self.busy += busy
         for key, value in record.metrics.items():
@@ -122,20 +157,24 @@ class WindowStats:
         """Collective: every rank calls it at the same step (with the same metric names)."""
         names = sorted(self.metrics)
         totals = torch.tensor(
-            [self.loss, self.steps, self.images, self.skipped, self.wait, self.busy, *(self.metrics[n] for n in names)],
+            [self.loss, self.steps, self.images, self.skipped, self.bad, self.wait, self.busy,
+             *(self.metrics[n] for n in names)],
             dtype=torch.float64,
         ).to(self.device)
+        world = 1
         if dist.is_initialized():
             dist.all_reduce(totals)
+            world = dist.get_world_size()
         values = totals.tolist()
-        loss, steps, images, skipped, wait, busy = values[:6]
+        loss, steps, images, skipped, bad, wait, busy = values[:7]
         elapsed = time.perf_counter() - self.start
         return {
             "loss": loss / max(steps, 1.0),
             "images_per_s": images / max(elapsed, 1e-9),
             "data_wait_frac": wait / max(busy, 1e-9),
             "skipped_samples_window": skipped,
-            **{name: value / max(steps, 1.0) for name, value in zip(names, values[6:], strict=True)},
+            "bad_batches_window": bad / world,  # every rank drops the same batches
+            **{name: value / max(steps, 1.0) for name, value in zip(names, values[7:], strict=True)},
         }
 
 
@@ -152,8 +191,9 @@ def log_final_encoder(
         logger.log_file(path, ARTIFACT_DIR)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Entry point run by Ray Train on every worker. ``loop_config`` is built by the driver."""
+def train_loop_per_worker(loop_config: dict) -> str | None:
+    """Entry point run by Ray Train on every worker. ``loop_config`` is built by the driver. Returns why the run
+    stopped before its last step (the driver's SIGTERM, non-finite losses), None when it did not."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     import ray.train
     import ray.train.torch
@@ -186,12 +226,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             start, run_id = load_training_state(engine, objective, randomness, directory, rank)
     logger = RunLogger(loop_config["tracking_uri"], run_id) if rank == 0 else None
+    held = HeldMetrics(logger) if logger else None
     eval_sets = eval_shard_sets(config.eval) if rank == 0 else None
+    install_worker_sigterm()
+    stop = StopSignal(loop_config.get("stop_request"), rank, device)
 
-    if logger and eval_sets and start == 0 and config.eval.random_init:
+    if held and eval_sets and start == 0 and config.eval.random_init:
         baseline = encoder_from_state(config, initial_weights).to(device)
         metrics = encoder_knn_metrics(baseline, eval_sets, config, device)
-        logger.log_metrics({f"{key}_random_init": value for key, value in metrics.items()}, 0)
+        held.add({f"{key}_random_init": value for key, value in metrics.items()}, 0)
         del baseline
     del initial_weights
 
@@ -206,32 +249,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
         verify=config.data.verify_sha256,
     ))
     stats = WindowStats(device)
-    skipped_total = 0.0
+    skipped_total = bad_total = 0.0
+    done = start
     for step in range(start, last_step):
         step_start = time.perf_counter()
         ctx = StepContext(step, config.train.steps, rank, world, seed=config.train.seed, generator=randomness.generator)
-        record = optimizer_step(engine, objective, batches, ctx, config.optim.grad_accum, device, dtype)
+        try:
+            record = optimizer_step(engine, objective, batches, ctx, config.optim.grad_accum, device, dtype,
+                                    config.train.max_bad_batches)
+        except NonFiniteLoss as stopped:  # on every rank at once; the last checkpoint stays the latest
+            return f"{stopped}; the latest checkpoint is the last good one"
         stats.add(record, time.perf_counter() - step_start)
         done = step + 1
-        if done % config.train.log_every == 0 or done == last_step:
+        stopping = stop.poll() if done < last_step else None  # collective: the same condition on every rank
+        if done % config.train.log_every == 0 or done == last_step or stopping:
             window = stats.reduce()
             skipped_total += window.pop("skipped_samples_window")
-            if logger:
+            bad_total += window.pop("bad_batches_window")
+            if held:
                 lr = engine.get_lr()[0]
-                logger.log_metrics({**window, "lr": lr, "skipped_samples": skipped_total}, done)
+                held.add({**window, "lr": lr, "skipped_samples": skipped_total, "bad_batches": bad_total}, done)
                 # the raw stream: Ray Train's patched print would tee this line twice
                 print(f"[rank 0] step {done}/{config.train.steps} loss {window['loss']:.4f} "
                       f"lr {lr:.2e} {window['images_per_s']:.0f} img/s", file=sys.__stdout__, flush=True)
             stats.reset()
             if health.check(logger):  # too much data lost: every rank stops here, the driver raises the reason
-                return
+                if held:
+                    held.flush()
+                return None
         knn_now = config.eval.knn_enabled and config.eval.every and done % config.eval.every == 0 and done < last_step
-        checkpoint_now = done % config.train.checkpoint_every == 0 or done == last_step
+        checkpoint_now = done % config.train.checkpoint_every == 0 or done == last_step or stopping
         if knn_now or checkpoint_now:  # one gather serves both (a collective under ZeRO-3: every rank calls it)
             weights = encoder_state(objective)
-        if knn_now and logger:
+        if knn_now and held:
             trained = encoder_from_state(config, weights).to(device)
-            logger.log_metrics(encoder_knn_metrics(trained, eval_sets, config, device), done)
+            held.add(encoder_knn_metrics(trained, eval_sets, config, device), done)
         if checkpoint_now:
             with tempfile.TemporaryDirectory() as directory:
                 save_training_state(engine, objective, randomness, directory, done, run_id, rank,
@@ -239,14 +291,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if dist.is_initialized():
                     dist.barrier()
                 ray.train.report({"step": done}, checkpoint=Checkpoint.from_directory(directory))
+            # queued behind the checkpoint's report (Ray Train's result queue holds one): returns once the
+            # controller has taken the checkpoint, so a restart from now on starts from it
+            ray.train.report({"step": done})
+            if held:
+                held.flush()
+        if stopping:
+            print(f"[rank {rank}] {stopping}: checkpointed at step {done}", file=sys.__stdout__, flush=True)
+            if stopping == DRIVER_REQUEST:
+                return stopping
+            raise WorkerTerminated(f"{stopping}: checkpointed at step {done}; Ray Train restarts the workers")
 
     if start >= last_step:
-        return
+        return None
     if logger:  # the last step always checkpoints, so ``weights`` holds the final encoder
         log_final_encoder(logger, encoder, weights, config, last_step)
         if eval_sets:
             trained = encoder_from_state(config, weights).to(device)
-            logger.log_metrics(encoder_knn_metrics(trained, eval_sets, config, device), last_step)
+            held.add(encoder_knn_metrics(trained, eval_sets, config, device), last_step)
+            held.flush()
         logger.log_figure(loss_curve_figure(logger), "loss_curve.png")
         if engine.zero_optimization_stage() < 3:  # rank 0 holds every parameter
             sample = to_device(next(batches), device, dtype)
@@ -259,3 +322,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 logger.log_artifacts(directory)
     if dist.is_initialized():
         dist.barrier()
+    return None
