@@ -30,8 +30,12 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Statistics and normalisation in the running buffers' fp32 whatever ``x``'s dtype (DeepSpeed's bf16 mode
+        casts the affine parameters, not the buffers); the output has ``x``'s dtype."""
+        dtype, x = x.dtype, x.float()
+        weight, bias = (self.weight.float(), self.bias.float()) if self.affine else (None, None)
         if not self.training or world_size() == 1:
-            return super().forward(x)
+            return self._local(x, weight, bias).to(dtype)
         if x.dim() != 2:
             raise ValueError(f"GlobalBatchNorm1d takes (B, C) inputs, got shape {tuple(x.shape)}")
         local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])])  # (2C + 1,)
@@ -47,7 +51,20 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(unbiased.detach(), momentum)
         out = (x - mean) * torch.rsqrt(var + self.eps)
-        return out * self.weight + self.bias if self.affine else out
+        return (out * weight + bias if self.affine else out).to(dtype)
+
+    def _local(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """``nn.BatchNorm1d.forward`` with the given fp32 affine parameters."""
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or self.running_mean is None
+        tracked = not self.training or self.track_running_stats
+        return nn.functional.batch_norm(x, self.running_mean if tracked else None,
+                                        self.running_var if tracked else None, weight, bias, batch_stats,
+                                        momentum, self.eps)
 
 
 class MLPHead(nn.Sequential):

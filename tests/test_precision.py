@@ -1,0 +1,95 @@
+"""``train.precision``: bf16 is a real CPU training mode through DeepSpeed; ``auto`` stays fp32 on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from maskray.config import load_config
+from maskray.context import RankRandomness, StepContext
+from maskray.engine.deepspeed_setup import build_engine, use_bf16
+from maskray.masking.reference import decoder_unshuffle_reference
+from maskray.models import build_encoder
+from maskray.objective import build_objective
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("precision", "device", "want"), [
+    ("auto", "cpu", False), ("auto", "cuda", True), ("bf16", "cpu", True), ("fp32", "cuda", False),
+])
+def test_use_bf16_follows_precision_and_device(precision, device, want) -> None:
+    config = load_config(None, [f"train.precision={precision}"])
+    assert use_bf16(config, torch.device(device)) is want
+
+
+def test_decoder_unshuffle_keeps_the_compute_dtype_of_its_tokens() -> None:
+    """The fixed sin-cos table is an fp32 buffer that DeepSpeed's bf16 mode does not cast."""
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    ids_restore = torch.stack([torch.randperm(6) for _ in range(2)])
+    out = decoder_unshuffle_reference(x, ids_restore, torch.zeros(1, 1, 8, dtype=torch.bfloat16),
+                                      torch.randn(1, 7, 8))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 7, 8)
+
+
+def _losses(precision: str, steps: int) -> tuple[list[float], torch.dtype]:
+    from maskray.engine.worker import optimizer_step
+
+    config = load_config(None, ["objective.name=mae", "data.batch_size=16", f"train.steps={steps}",
+                                "optim.lr=2e-3", "optim.warmup_steps=1", "train.zero_stage=2",
+                                f"train.precision={precision}"])
+    torch.manual_seed(0)
+    objective = build_objective(config.objective.name, config.objective.params, build_encoder(config.model))
+    bf16 = use_bf16(config, CPU)
+    engine = build_engine(objective, config, world_size=1, bf16=bf16)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(16, 3, 16, 16, generator=generator), "key": [str(i) for i in range(16)],
+             "label": torch.zeros(16, dtype=torch.int64)}
+    batches = iter([batch] * steps)  # one fixed batch: the loss must fall
+    randomness = RankRandomness(0, 0)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    losses = [optimizer_step(engine, objective, batches, StepContext(step, steps, generator=randomness.generator),
+                             1, CPU, dtype).loss for step in range(steps)]
+    return losses, next(objective.encoder.parameters()).dtype
+
+
+def test_bf16_trains_through_deepspeed_on_cpu_like_fp32(process_group) -> None:
+    """The worker's step (DeepSpeed ZeRO-2 engine + ``optimizer_step``) in bf16: bf16 parameters, finite losses
+    that fall, and a curve within bf16 rounding of fp32's on the same data, weights and masks."""
+    steps = 8
+    fp32, fp32_dtype = _losses("fp32", steps)
+    bf16, bf16_dtype = _losses("bf16", steps)
+    assert (fp32_dtype, bf16_dtype) == (torch.float32, torch.bfloat16)
+    assert all(math.isfinite(loss) for loss in bf16)
+    assert bf16[-1] < 0.8 * bf16[0]
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.02)  # same weights and mask: only the rounding differs
+    assert sum(bf16[-3:]) == pytest.approx(sum(fp32[-3:]), rel=0.05)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_global_batch_norm_in_one_process_is_batch_norm_and_keeps_fp32_statistics_under_bf16(momentum) -> None:
+    from maskray.models import GlobalBatchNorm1d
+
+    torch.manual_seed(0)
+    ours, torchs = GlobalBatchNorm1d(6, momentum=momentum), torch.nn.BatchNorm1d(6, momentum=momentum)
+    with torch.no_grad():
+        for module in (ours, torchs):
+            module.weight.copy_(torch.linspace(0.5, 2.0, 6))
+            module.bias.copy_(torch.linspace(-1.0, 1.0, 6))
+    for _ in range(3):
+        x = torch.randn(10, 6) * 3 + 1
+        torch.testing.assert_close(ours(x), torchs(x), rtol=0, atol=0)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(torchs, name), rtol=0, atol=0)
+    ours.eval(), torchs.eval()
+    torch.testing.assert_close(ours(x), torchs(x), rtol=0, atol=0)
+
+    ours.train()
+    ours.weight.data, ours.bias.data = ours.weight.data.bfloat16(), ours.bias.data.bfloat16()  # as DeepSpeed casts
+    before = ours.running_mean.clone()
+    out = ours(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.float32
+    assert not torch.equal(ours.running_mean, before)
+    torch.testing.assert_close(out.float(), torchs.train()(x), rtol=0.02, atol=0.02)
