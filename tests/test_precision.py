@@ -10,8 +10,7 @@ import torch
 from maskray.config import load_config
 from maskray.context import RankRandomness, StepContext
 from maskray.engine.deepspeed_setup import build_engine, use_bf16
-from maskray.masking.reference import decoder_unshuffle_reference
-from maskray.models import build_encoder
+from maskray.models import MAEDecoder, build_encoder
 from maskray.objective import build_objective
 
 CPU = torch.device("cpu")
@@ -25,13 +24,15 @@ def test_use_bf16_follows_precision_and_device(precision, device, want) -> None:
     assert use_bf16(config, torch.device(device)) is want
 
 
-def test_decoder_unshuffle_keeps_the_compute_dtype_of_its_tokens() -> None:
-    """The fixed sin-cos table is an fp32 buffer that DeepSpeed's bf16 mode does not cast."""
-    x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+def test_mae_decoder_in_bf16_keeps_bf16_with_its_fp32_position_table() -> None:
+    """DeepSpeed's bf16 mode casts parameters, not buffers: the sin-cos table stays fp32."""
+    decoder = MAEDecoder(8, (2, 3), 12, dim=8, depth=1, num_heads=2)
+    for parameter in decoder.parameters():
+        parameter.data = parameter.data.bfloat16()
+    assert decoder.pos_embed.dtype == torch.float32
     ids_restore = torch.stack([torch.randperm(6) for _ in range(2)])
-    out = decoder_unshuffle_reference(x, ids_restore, torch.zeros(1, 1, 8, dtype=torch.bfloat16),
-                                      torch.randn(1, 7, 8))
-    assert out.dtype == torch.bfloat16 and out.shape == (2, 7, 8)
+    out = decoder(torch.randn(2, 3, 8, dtype=torch.bfloat16), ids_restore)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 6, 12)
 
 
 def _losses(precision: str, steps: int) -> tuple[list[float], torch.dtype]:

@@ -114,7 +114,6 @@ def decoder_unshuffle_reference(
     which is the same computation up to a token permutation for a decoder with additive positions only.
     """
     batch, length = ids_restore.shape
-    pos_embed = pos_embed.to(x.dtype)  # a fixed fp32 table (a buffer DeepSpeed's bf16 mode leaves in fp32)
     visible = x[:, 1:]
     fill = mask_token.expand(batch, length - visible.shape[1], -1)
     if not reorder:
