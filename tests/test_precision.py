@@ -94,3 +94,59 @@ def test_global_batch_norm_in_one_process_is_batch_norm_and_keeps_fp32_statistic
     assert out.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.float32
     assert not torch.equal(ours.running_mean, before)
     torch.testing.assert_close(out.float(), torchs.train()(x), rtol=0.02, atol=0.02)
+
+
+# --- the step's fast paths against the PyTorch reference ------------------------------------------------------------
+def test_mae_loss_on_removed_patch_predictions_equals_the_full_decoder_path() -> None:
+    """``MAEDecoder.forward_removed`` + ``masked_patch_loss(ids_restore=)`` (the objective's path) equals the
+    reference's all-patch prediction + masked loss: loss and every gradient, in fp64."""
+    from maskray.masking import masked_patch_loss, random_mask_indices
+
+    torch.manual_seed(0)
+    encoder = build_encoder(load_config(None, []).model).double()
+    decoder = MAEDecoder(encoder.embed_dim, encoder.grid_size, 48, dim=32, depth=2, num_heads=4).double()
+    images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    masking = random_mask_indices(torch.rand(3, 16), 4)
+    grads = []
+    for removed_only in (False, True):
+        encoder.zero_grad(), decoder.zero_grad()
+        latent = encoder(images, ids_keep=masking.ids_keep).tokens
+        if removed_only:
+            pred = decoder.forward_removed(latent, masking.ids_restore)
+            assert pred.shape == (3, 12, 48)
+            loss = masked_patch_loss(pred, images, masking.mask, 4, True, ids_restore=masking.ids_restore)
+        else:
+            loss = masked_patch_loss(decoder(latent, masking.ids_restore), images, masking.mask, 4, True)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in [*encoder.named_parameters(),
+                                                                       *decoder.named_parameters()]
+                                      if p.grad is not None}))
+    (full, full_grads), (ours, our_grads) = grads
+    torch.testing.assert_close(ours, full, rtol=1e-12, atol=0)
+    assert our_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_fused_adamw_steps_like_the_for_loop_adamw() -> None:
+    from maskray.engine.deepspeed_setup import build_optimizer
+
+    config = load_config(None, ["optim.lr=1e-2", "optim.weight_decay=0.05"])
+    torch.manual_seed(0)
+    objective = build_objective("mae", {}, build_encoder(config.model))
+    optimizer = build_optimizer(objective, config)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    reference_params = [p.detach().clone().requires_grad_() for p in objective.parameters()]
+    reference = torch.optim.AdamW(
+        [{**{k: v for k, v in group.items() if k not in ("params", "fused", "foreach")},
+          "params": [reference_params[i] for i, p in enumerate(objective.parameters())
+                     if any(p is q for q in group["params"])]} for group in optimizer.param_groups],
+        foreach=False)
+    for step in range(3):
+        generator = torch.Generator().manual_seed(step)
+        for ours, theirs in zip(objective.parameters(), reference_params, strict=True):
+            ours.grad = torch.randn(ours.shape, generator=generator)
+            theirs.grad = ours.grad.clone()
+        optimizer.step(), reference.step()
+    for ours, theirs in zip(objective.parameters(), reference_params, strict=True):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)

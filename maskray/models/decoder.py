@@ -42,12 +42,23 @@ class MAEDecoder(nn.Module):
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent: (B, 1+K, D) encoder output (CLS first); ids_restore: (B, L). Returns (B, L, p*p*C)."""
+        return self.pred(self.norm(self._decode(latent, ids_restore, reorder=True)))[:, 1:]
+
+    def forward_removed(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The predictions of the removed patches only, what the loss uses: (B, L-K, p*p*C) in the shuffled order
+        (row j is patch ``ids_shuffle[b, K + j]``; ``masked_patch_loss(..., ids_restore=)`` reads it).
+
+        The blocks see :meth:`forward`'s tokens in another order, the same computation with additive positions;
+        the final norm and the prediction skip the CLS and visible rows (and the unshuffle its gather)."""
+        return self.pred(self.norm(self._decode(latent, ids_restore, reorder=False)[:, latent.shape[1]:]))
+
+    def _decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, reorder: bool) -> torch.Tensor:
+        """(B, 1+L, Dd) after the blocks, before the final norm."""
         x = self.embed(latent)  # the fixed table is an fp32 buffer, which DeepSpeed's bf16 mode leaves in fp32
-        x = decoder_unshuffle(x, ids_restore, self.mask_token, self.pos_embed.to(x.dtype))
+        x = decoder_unshuffle(x, ids_restore, self.mask_token, self.pos_embed.to(x.dtype), reorder=reorder)
         for block in self.blocks:
             x = block(x)
-        return self.pred(self.norm(x))[:, 1:]
-
+        return x
 
 def _init_linear_and_norm(module: nn.Module) -> None:
     """MAE init: xavier-uniform Linear weights with zero bias; LayerNorm weight 1, bias 0."""
