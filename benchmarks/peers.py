@@ -77,8 +77,12 @@ def maskray_config(arch: Arch, batch: int, precision: str, steps: int, lr: float
 
 
 def init_process_group() -> None:
-    """A world-size-1 gloo group for DeepSpeed in this process."""
+    """A world-size-1 gloo group for DeepSpeed in this process (once)."""
     import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with socket.socket() as sock:
