@@ -2,6 +2,7 @@
 
     python benchmarks/peers_step.py [--arch vit_s16 ...] [--batch 8] [--precision fp32 bf16] [--steps 4]
         [--warmup 1] [--rounds 2] [--libraries maskray hf lightly] [--no-check]
+    python benchmarks/peers_step.py --profile maskray [--arch vit_s16] [--precision bf16] [--batch 8] [--rows 25]
 
 One step = zero_grad + forward + loss + backward + AdamW on synthetic images (ViT-S/16 or ViT-B/16 at 224,
 decoder 8 x 512 x 16 heads, mask 0.75, norm-pix). Each (library, arch, precision) runs in its own subprocess, so
@@ -12,6 +13,8 @@ fraction of the machine's matmul peak that this reaches (a 2048 x 2048 matmul in
 measured at the start and the end of the run, the best kept). Before the timing, the fp32 losses of the three
 libraries for the same weights (HF's copied into maskray, maskray's into lightly), images and mask at the first
 ``--arch`` (``--no-check`` skips it). The table gives maskray / peer ratios; the last line is one JSON object.
+``--profile LIBRARY``: where one step of that library goes instead (``torch.profiler``, the ops by self CPU
+time, after ``--warmup`` steps).
 """
 
 from __future__ import annotations
@@ -74,6 +77,22 @@ def worker(args: argparse.Namespace) -> dict:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses}
 
 
+def profile(args: argparse.Namespace) -> None:
+    from torch.profiler import profile as profiler
+
+    arch = peers.ARCHS[args.arch]
+    step = peers.build_step(args.profile, arch, args.batch, args.precision)
+    images = torch.randn(args.batch, 3, arch.img_size, arch.img_size, generator=torch.Generator().manual_seed(0))
+    for _ in range(max(args.warmup, 1)):
+        step(images)
+    with profiler() as prof:
+        start = time.perf_counter()
+        step(images)
+        seconds = time.perf_counter() - start
+    print(f"{args.profile} {args.arch} {args.precision} batch {args.batch}: one profiled step {seconds:.3f} s")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
 def run_worker(library: str, arch: str, precision: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", library, "--arch", arch, "--precision", precision,
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -94,8 +113,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; each cell keeps its best")
     parser.add_argument("--libraries", nargs="+", default=list(peers.LIBRARIES), choices=peers.LIBRARIES)
     parser.add_argument("--no-check", action="store_true", help="skip the same-weights loss check")
+    parser.add_argument("--profile", choices=peers.LIBRARIES, help="profile one step of this library instead")
+    parser.add_argument("--rows", type=int, default=25, help="--profile: ops shown")
     parser.add_argument("--worker", choices=peers.LIBRARIES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile:
+        args.arch, args.precision = args.arch[0], args.precision[-1]
+        profile(args)
+        return
     if args.worker:
         args.arch, args.precision = args.arch[0], args.precision[0]
         print(json.dumps(worker(args)), flush=True)

@@ -150,3 +150,32 @@ def test_fused_adamw_steps_like_the_for_loop_adamw() -> None:
         optimizer.step(), reference.step()
     for ours, theirs in zip(objective.parameters(), reference_params, strict=True):
         torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_explicit_attention_gives_the_fused_loss_and_gradients() -> None:
+    """The form a CPU bf16 engine switches to (``set_fused_attention(False)``) against torch's SDPA, fp64."""
+    from maskray.models import set_fused_attention
+
+    torch.manual_seed(0)
+    config = load_config(None, ["objective.name=mae"])
+    objective = build_objective("mae", config.objective.params, build_encoder(config.model)).double()
+    images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        assert set_fused_attention(objective, fused) == 4 + 2  # encoder and decoder blocks
+        objective.zero_grad()
+        out = objective({"image": images}, StepContext(0, 1, generator=torch.Generator().manual_seed(1)))
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in objective.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=0)
+    for ours, theirs in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_a_bf16_cpu_engine_uses_explicit_attention(process_group) -> None:
+    config = load_config(None, ["objective.name=mae", "train.zero_stage=2"])
+    for bf16 in (False, True):
+        objective = build_objective("mae", config.objective.params, build_encoder(config.model))
+        build_engine(objective, config, world_size=1, bf16=bf16)
+        flags = {m.fused_attn for m in objective.modules() if hasattr(m, "fused_attn")}
+        assert flags == {not bf16}

@@ -9,6 +9,7 @@ import torch
 from maskray.config import Config
 from maskray.distributed import gathered
 from maskray.engine.optimizer import GroupClippedAdamW
+from maskray.models import set_fused_attention
 from maskray.objective import Objective
 from maskray.schedules import warmup_cosine
 
@@ -58,9 +59,14 @@ def build_engine(objective: Objective, config: Config, world_size: int, bf16: bo
 
     The schedule is a ``LambdaLR`` so DeepSpeed steps it at every optimizer step and saves it in the
     checkpoint. Under ZeRO-3 the parameters that modules read outside their owners' forward are registered as
-    external parameters first. Returns the engine.
+    external parameters first. bf16 on a CPU engine runs attention in timm's explicit form (CPU flash-attention
+    backward is slow in bf16, :func:`~maskray.models.set_fused_attention`). Returns the engine.
     """
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if bf16 and get_accelerator().device_name() == "cpu":
+        set_fused_attention(objective, False)
 
     if config.train.zero_stage == 3:
         from maskray.models.zero import register_external_parameters
