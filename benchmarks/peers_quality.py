@@ -1,7 +1,7 @@
 """Does maskray's MAE learn as well as the peers'? The same MAE pretraining budget on the bundled demo data, then the
 same k-NN evaluation, for maskray, Hugging Face ViTMAE and lightly (``benchmarks/peers.py``).
 
-    python benchmarks/peers_quality.py [--seeds 0 1 2] [--steps 800] [--batch 128] [--libraries ...]
+    python benchmarks/peers_quality.py [--seeds 0 1 2] [--steps 400] [--batch 64] [--libraries ...]
         [--shards data/demo] [--out runs/bench-peers-quality] [--table-only]
 
 Every library: the demo architecture (``configs/demo/mae.yaml``: ViT-Tiny width, 4 blocks, 16x16 images of 4x4
@@ -106,8 +106,8 @@ def table(out: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=800, help="optimizer steps (the demo's budget)")
-    parser.add_argument("--batch", type=int, default=128, help="images per step (the demo's global batch)")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps (the demo: 800)")
+    parser.add_argument("--batch", type=int, default=64, help="images per step (the demo: 128 over 2 workers)")
     parser.add_argument("--warmup", type=int, default=100, help="warmup steps")
     parser.add_argument("--libraries", nargs="+", default=list(peers.LIBRARIES), choices=peers.LIBRARIES)
     parser.add_argument("--shards", type=Path, default=project_root() / "data" / "demo",
