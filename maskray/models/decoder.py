@@ -60,6 +60,7 @@ class MAEDecoder(nn.Module):
             x = block(x)
         return x
 
+
 def _init_linear_and_norm(module: nn.Module) -> None:
     """MAE init: xavier-uniform Linear weights with zero bias; LayerNorm weight 1, bias 0."""
     if isinstance(module, nn.Linear):
