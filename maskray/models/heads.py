@@ -30,10 +30,11 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Statistics and normalisation in the running buffers' fp32 whatever ``x``'s dtype (DeepSpeed's bf16 mode
-        casts the affine parameters, not the buffers); the output has ``x``'s dtype."""
-        dtype, x = x.dtype, x.float()
-        weight, bias = (self.weight.float(), self.bias.float()) if self.affine else (None, None)
+        """Statistics and normalisation in at least fp32, the running buffers' dtype, whatever ``x``'s (DeepSpeed's
+        bf16 mode casts the affine parameters, not the buffers); the output has ``x``'s dtype."""
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))
+        weight, bias = (self.weight.to(x.dtype), self.bias.to(x.dtype)) if self.affine else (None, None)
         if not self.training or world_size() == 1:
             return self._local(x, weight, bias).to(dtype)
         if x.dim() != 2:
