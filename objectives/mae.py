@@ -3,6 +3,10 @@
 The encoder embeds and processes only the visible 25% of patches (one drop pass, the noise drawn from the rank's
 step generator); a light decoder reconstructs the pixels of the removed ones; the loss is the per-patch MSE on
 removed patches against per-patch normalised targets (``norm_pix``).
+
+vs the reference: the decoder's final norm and prediction run on the removed patches only (the reference predicts
+every patch and masks the loss; lightly's MAE does the same as here), in the shuffled order, which is the same
+loss: the decoder blocks see the same tokens in another order and have additive positions only.
 """
 
 from __future__ import annotations
@@ -49,9 +53,10 @@ class MAE(Objective):
     def loss(self, batch: dict[str, Any], outputs: dict[str, PassOutput], ctx: StepContext) -> ObjectiveOutput:
         """batch["image"]: (B, C, H, W); outputs["visible"]: the encoder on its visible patches (B, 1+K, D)."""
         visible = outputs["visible"]
-        pred = self.decoder(visible.out.tokens, visible.indices.ids_restore)  # (B, L, p*p*C)
-        images = batch["image"]
-        loss = masked_patch_loss(pred, images, visible.mask, self.encoder.patch_size, self.params.norm_pix)
+        ids_restore = visible.indices.ids_restore
+        pred = self.decoder.forward_removed(visible.out.tokens, ids_restore)  # (B, L-K, p*p*C), removed patches
+        loss = masked_patch_loss(pred, batch["image"], visible.mask, self.encoder.patch_size, self.params.norm_pix,
+                                 ids_restore=ids_restore)
         return ObjectiveOutput(loss=loss, metrics={"mask_ratio": visible.mask.mean().detach()})
 
     @torch.no_grad()

@@ -123,6 +123,14 @@ def test_manifest_columns_match_tar_contents(tmp_path):
     assert len(members) == 2 * 53
 
 
+def test_tar_members_carry_no_pax_header(tmp_path):
+    """Integer member mtimes: a float one makes tarfile write a PAX header per member, which the reader parses."""
+    shards = _write(tmp_path, 4, 4)
+    with tarfile.open(shards.urls[0]) as tar:
+        members = tar.getmembers()
+    assert members and all(m.pax_headers == {} and m.mtime == 0 for m in members)
+
+
 def test_unlabelled_samples_have_no_cls_and_label_minus_one(tmp_path):
     shards = _write(tmp_path, 12, 5, labelled=False)
     assert shards.num_classes == 0 and not shards.labelled

@@ -52,6 +52,9 @@ def test_mae_port_reproduces_the_recorded_loss_and_gradients() -> None:
     """Values recorded with the pre-platform MAE (tests/fixtures/README.md) for the same weights and noise."""
     recorded = json.loads((FIXTURES / "mae_pre_port.json").read_text())
     objective, _ = _mae()
+    for module in objective.decoder.modules():  # recorded before the decoder took the reference's eps 1e-6
+        if isinstance(module, nn.LayerNorm):
+            module.eps = 1e-5
     _fill(objective)
     images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1234))
     out = objective({"image": images}, _ctx(99))  # the step generator draws the recorded noise: rand(8, 16)

@@ -30,7 +30,7 @@ from maskray.errors import DataError
 
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _INDEXED_RE = re.compile(rf"([0-9]{{3,}})\.({'|'.join(IMAGE_EXTS)})")
-_TAR_MTIME = 0.0  # fixed member timestamps make the tars reproducible
+_TAR_MTIME = 0  # fixed member timestamps make the tars reproducible; an int: a float gets a PAX header per member
 
 
 @dataclass(init=False)

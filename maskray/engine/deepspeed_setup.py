@@ -9,6 +9,7 @@ import torch
 from maskray.config import Config
 from maskray.distributed import gathered
 from maskray.engine.optimizer import GroupClippedAdamW
+from maskray.models import set_fused_attention
 from maskray.objective import Objective
 from maskray.schedules import warmup_cosine
 
@@ -39,7 +40,8 @@ def deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict[str, A
 
 def build_optimizer(objective: Objective, config: Config) -> torch.optim.Optimizer:
     """AdamW over the objective's parameter groups, each at ``lr * lr_scale``; a :class:`GroupClippedAdamW` when a
-    group sets ``max_grad_norm``."""
+    group sets ``max_grad_norm``. torch's fused AdamW kernel (one pass over each tensor instead of one per
+    elementwise op; the same update as the for-loop form within rounding)."""
     base_lr = config.learning_rate()
     groups = []
     for group in objective.param_groups(config.optim.weight_decay):
@@ -47,8 +49,9 @@ def build_optimizer(objective: Objective, config: Config) -> torch.optim.Optimiz
         group["lr"] = base_lr * group.pop("lr_scale")
         groups.append(group)
     if any(group["max_grad_norm"] is not None for group in groups):
-        return GroupClippedAdamW(groups, partitioned=config.train.zero_stage > 0, lr=base_lr, betas=config.optim.betas)
-    return torch.optim.AdamW(groups, lr=base_lr, betas=config.optim.betas)
+        return GroupClippedAdamW(groups, partitioned=config.train.zero_stage > 0, lr=base_lr, betas=config.optim.betas,
+                                 fused=True)
+    return torch.optim.AdamW(groups, lr=base_lr, betas=config.optim.betas, fused=True)
 
 
 def build_engine(objective: Objective, config: Config, world_size: int, bf16: bool):
@@ -56,9 +59,14 @@ def build_engine(objective: Objective, config: Config, world_size: int, bf16: bo
 
     The schedule is a ``LambdaLR`` so DeepSpeed steps it at every optimizer step and saves it in the
     checkpoint. Under ZeRO-3 the parameters that modules read outside their owners' forward are registered as
-    external parameters first. Returns the engine.
+    external parameters first. bf16 on a CPU engine runs attention in timm's explicit form (CPU flash-attention
+    backward is slow in bf16, :func:`~maskray.models.set_fused_attention`). Returns the engine.
     """
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if bf16 and get_accelerator().device_name() == "cpu":
+        set_fused_attention(objective, False)
 
     if config.train.zero_stage == 3:
         from maskray.models.zero import register_external_parameters

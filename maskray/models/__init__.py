@@ -4,7 +4,7 @@ from maskray.models.decoder import MAEDecoder
 from maskray.models.heads import GlobalBatchNorm1d, MLPHead
 from maskray.models.pos_embed import sincos_2d
 from maskray.models.pretrained import InitFrom, load_pretrained
-from maskray.models.vit import EncoderOutput, MaskedViT, attention_probs, is_beit_arch
+from maskray.models.vit import EncoderOutput, MaskedViT, attention_probs, is_beit_arch, set_fused_attention
 from maskray.models.zero import register_external_parameters
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "is_beit_arch",
     "load_pretrained",
     "register_external_parameters",
+    "set_fused_attention",
     "sincos_2d",
 ]
 

@@ -30,8 +30,13 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Statistics and normalisation in at least fp32, the running buffers' dtype, whatever ``x``'s (DeepSpeed's
+        bf16 mode casts the affine parameters, not the buffers); the output has ``x``'s dtype."""
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))
+        weight, bias = (self.weight.to(x.dtype), self.bias.to(x.dtype)) if self.affine else (None, None)
         if not self.training or world_size() == 1:
-            return super().forward(x)
+            return self._local(x, weight, bias).to(dtype)
         if x.dim() != 2:
             raise ValueError(f"GlobalBatchNorm1d takes (B, C) inputs, got shape {tuple(x.shape)}")
         local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])])  # (2C + 1,)
@@ -47,7 +52,20 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(unbiased.detach(), momentum)
         out = (x - mean) * torch.rsqrt(var + self.eps)
-        return out * self.weight + self.bias if self.affine else out
+        return (out * weight + bias if self.affine else out).to(dtype)
+
+    def _local(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """``nn.BatchNorm1d.forward`` with the given fp32 affine parameters."""
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or self.running_mean is None
+        tracked = not self.training or self.track_running_stats
+        return nn.functional.batch_norm(x, self.running_mean if tracked else None,
+                                        self.running_var if tracked else None, weight, bias, batch_stats,
+                                        momentum, self.eps)
 
 
 class MLPHead(nn.Sequential):

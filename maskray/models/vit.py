@@ -103,6 +103,18 @@ def attention_probs(attn: nn.Module, x: torch.Tensor, shared_rel_pos_bias: torch
     return logits.softmax(dim=-1)
 
 
+def set_fused_attention(module: nn.Module, fused: bool) -> int:
+    """Switch every timm attention (ViT, Beit) under ``module`` between ``F.scaled_dot_product_attention`` (fused)
+    and timm's explicit ``softmax(q k^T * scale) v``; returns how many were switched. The same maths: on CPU in
+    bf16 torch's flash-attention backward takes about 3x the explicit form's time (``BENCHMARKS.md``)."""
+    count = 0
+    for child in module.modules():
+        if hasattr(child, "fused_attn") and hasattr(child, "qkv"):
+            child.fused_attn = fused
+            count += 1
+    return count
+
+
 class MaskedViT(nn.Module):
     """Encoder wrapper around ``timm.create_model(arch, num_classes=0, **timm_kwargs)``.
 

@@ -1,0 +1,178 @@
+"""One MAE training step in maskray, Hugging Face ViTMAE and lightly at equal architecture (``benchmarks/peers.py``).
+
+    python benchmarks/peers_step.py [--arch vit_s16 ...] [--batch 8] [--precision fp32 bf16] [--steps 4]
+        [--warmup 1] [--rounds 2] [--libraries maskray hf lightly] [--no-check]
+    python benchmarks/peers_step.py --profile maskray [--arch vit_s16] [--precision bf16] [--batch 8] [--rows 25]
+
+One step = zero_grad + forward + loss + backward + AdamW on synthetic images (ViT-S/16 or ViT-B/16 at 224,
+decoder 8 x 512 x 16 heads, mask 0.75, norm-pix). Each (library, arch, precision) runs in its own subprocess, so
+its peak RSS (``ru_maxrss``, torch's import included) is its own; the subprocesses alternate library by library
+within every round (the order rotates per round) and each keeps its best round. Reported: images/s (median over
+the timed steps), peak RSS, GFLOP per image (forward + backward, torch's ``FlopCounterMode`` on one step) and the
+fraction of the machine's matmul peak that this reaches (a 2048 x 2048 matmul in the same dtype on all threads,
+measured at the start and the end of the run, the best kept). Before the timing, the fp32 losses of the three
+libraries for the same weights (HF's copied into maskray, maskray's into lightly), images and mask at the first
+``--arch`` (``--no-check`` skips it). The table gives maskray / peer ratios; the last line is one JSON object.
+``--profile LIBRARY``: where one step of that library goes instead (``torch.profiler``, the ops by self CPU
+time, after ``--warmup`` steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peers  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a ``size``-square matmul in ``dtype`` on all threads."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def step_flops(step, images: torch.Tensor) -> float:
+    """FLOPs of one training step (forward + backward; the optimizer has no matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(images)
+    return float(counter.get_total_flops())
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One library's run in this process: warm-up (the first counts FLOPs), timed steps, peak RSS."""
+    arch = peers.ARCHS[args.arch]
+    step = peers.build_step(args.worker, arch, args.batch, args.precision)
+    images = torch.randn(args.batch, 3, arch.img_size, arch.img_size, generator=torch.Generator().manual_seed(0))
+    flops = step_flops(step, images)
+    for _ in range(args.warmup):
+        step(images)
+    times, losses = [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        losses.append(step(images))
+        times.append(time.perf_counter() - start)
+    return {"images_per_s": args.batch / statistics.median(times), "gflop_per_image": flops / args.batch / 1e9,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses}
+
+
+def profile(args: argparse.Namespace) -> None:
+    from torch.profiler import profile as profiler
+
+    arch = peers.ARCHS[args.arch]
+    step = peers.build_step(args.profile, arch, args.batch, args.precision)
+    images = torch.randn(args.batch, 3, arch.img_size, arch.img_size, generator=torch.Generator().manual_seed(0))
+    for _ in range(max(args.warmup, 1)):
+        step(images)
+    with profiler() as prof:
+        start = time.perf_counter()
+        step(images)
+        seconds = time.perf_counter() - start
+    print(f"{args.profile} {args.arch} {args.precision} batch {args.batch}: one profiled step {seconds:.3f} s")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+def run_worker(library: str, arch: str, precision: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", library, "--arch", arch, "--precision", precision,
+               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{library} {arch} {precision} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", default=["vit_s16"], choices=sorted(peers.ARCHS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per process (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the FLOP-counting one")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; each cell keeps its best")
+    parser.add_argument("--libraries", nargs="+", default=list(peers.LIBRARIES), choices=peers.LIBRARIES)
+    parser.add_argument("--no-check", action="store_true", help="skip the same-weights loss check")
+    parser.add_argument("--profile", choices=peers.LIBRARIES, help="profile one step of this library instead")
+    parser.add_argument("--rows", type=int, default=25, help="--profile: ops shown")
+    parser.add_argument("--worker", choices=peers.LIBRARIES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.profile:
+        args.arch, args.precision = args.arch[0], args.precision[-1]
+        profile(args)
+        return
+    if args.worker:
+        args.arch, args.precision = args.arch[0], args.precision[0]
+        print(json.dumps(worker(args)), flush=True)
+        return
+
+    check = None if args.no_check else peers.same_weights_losses(peers.ARCHS[args.arch[0]])
+    if check:
+        print(f"same weights, images and mask ({args.arch[0]}, fp32): "
+              + ", ".join(f"{lib} {loss:.6f}" for lib, loss in check.items()), flush=True)
+    peak = {name: matmul_peak(dtype) for name, dtype in DTYPES.items()}
+    cells: dict[tuple[str, str, str], dict] = {}
+    libraries = list(args.libraries)
+    for round_index in range(args.rounds):
+        order = libraries[round_index % len(libraries):] + libraries[:round_index % len(libraries)]
+        for arch in args.arch:
+            for precision in args.precision:
+                for library in order:
+                    result = run_worker(library, arch, precision, args)
+                    print(f"round {round_index} {arch} {precision} {library}: {result['images_per_s']:.2f} img/s, "
+                          f"{result['peak_rss_mib']:.0f} MiB", flush=True)
+                    key = (arch, precision, library)
+                    best = cells.get(key)
+                    cells[key] = {**result, "peak_rss_mib": max(result["peak_rss_mib"],
+                                                                best["peak_rss_mib"] if best else 0.0)}
+                    if best and best["images_per_s"] > result["images_per_s"]:
+                        cells[key] = {**best, "peak_rss_mib": cells[key]["peak_rss_mib"]}
+    for name, dtype in DTYPES.items():
+        peak[name] = max(peak[name], matmul_peak(dtype))
+
+    print(f"\nmatmul peak (2048^2, {torch.get_num_threads()} threads): "
+          + ", ".join(f"{name} {value / 1e9:.0f} GFLOP/s" for name, value in peak.items()))
+    print("| arch | precision | library | images/s | peak RSS MiB | GFLOP/image | % of matmul peak "
+          "| maskray / library (img/s) | maskray / library (RSS) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for (arch, precision, library), cell in cells.items():
+        ours = cells.get((arch, precision, "maskray"))
+        fraction = cell["images_per_s"] * cell["gflop_per_image"] * 1e9 / peak[precision]
+        speed = ours["images_per_s"] / cell["images_per_s"] if ours else None
+        memory = ours["peak_rss_mib"] / cell["peak_rss_mib"] if ours else None
+        rows.append({"arch": arch, "precision": precision, "library": library, "batch": args.batch,
+                     "images_per_s": cell["images_per_s"], "peak_rss_mib": cell["peak_rss_mib"],
+                     "gflop_per_image": cell["gflop_per_image"], "peak_fraction": fraction,
+                     "maskray_speed_ratio": speed, "maskray_memory_ratio": memory})
+        print(f"| {arch} | {precision} | {library} | {cell['images_per_s']:.2f} | {cell['peak_rss_mib']:.0f} "
+              f"| {cell['gflop_per_image']:.1f} | {100 * fraction:.0f} % | "
+              f"{f'{speed:.2f}x' if speed else '–'} | {f'{memory:.2f}x' if memory else '–'} |")
+    print(json.dumps({"benchmark": "peers_step", "host": platform.node(), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "batch": args.batch, "steps": args.steps,
+                      "rounds": args.rounds, "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
+                      "same_weights_losses": check, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
