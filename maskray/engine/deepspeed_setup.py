@@ -54,6 +54,19 @@ def build_optimizer(objective: Objective, config: Config) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=base_lr, betas=config.optim.betas, fused=True)
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """The warm-up cosine schedule (:func:`~maskray.schedules.warmup_cosine`) as a ``LambdaLR`` over every group's
+    own learning rate, stepped once per optimizer step."""
+    base_lr = config.learning_rate()
+
+    def multiplier(step: int) -> float:
+        return warmup_cosine(
+            step, base_lr, config.train.steps, config.optim.warmup_steps, config.optim.min_lr
+        ) / base_lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
 def build_engine(objective: Objective, config: Config, world_size: int, bf16: bool):
     """Wrap ``objective`` in a DeepSpeed engine with its optimizer and the warmup-cosine schedule.
 
@@ -72,15 +85,8 @@ def build_engine(objective: Objective, config: Config, world_size: int, bf16: bo
         from maskray.models.zero import register_external_parameters
 
         register_external_parameters(objective)
-    base_lr = config.learning_rate()
     optimizer = build_optimizer(objective, config)
-
-    def multiplier(step: int) -> float:
-        return warmup_cosine(
-            step, base_lr, config.train.steps, config.optim.warmup_steps, config.optim.min_lr
-        ) / base_lr
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    scheduler = build_scheduler(optimizer, config)
     ds_config = deepspeed_config(config, world_size, bf16)
     if isinstance(optimizer, GroupClippedAdamW):  # ZeRO accepts other optimizer types only when told to
         ds_config["zero_allow_untested_optimizer"] = True
