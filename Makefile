@@ -7,7 +7,7 @@ DEMO_DATA := data/demo
 DEMO_CONFIG := configs/demo/mae.yaml
 DTM_TEACHER := runs/teachers/mae_demo.safetensors
 
-.PHONY: install demo demo-data demo-job demo-teacher demo-dtm test lint clean
+.PHONY: install demo demo-data demo-job demo-teacher demo-dtm demo-beitv2 test lint clean
 
 $(DEPS_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,16 @@ demo-teacher: demo-data $(DTM_TEACHER)
 
 demo-dtm: demo-teacher
 	$(PY) launch/pretrain.py --config configs/demo/dtm.yaml
+
+# BEiT v2's two stages on the demo: the VQ-KD tokenizer (configs/demo/vqkd.yaml) distilled from the same exported
+# MAE teacher, then BEiT v2 (configs/demo/beitv2.yaml) with the tokenizer that run keeps, found by its run id.
+VQKD_LOG := runs/tokenizers/vqkd-demo.log
+demo-beitv2: demo-teacher
+	mkdir -p $(dir $(VQKD_LOG))
+	$(PY) launch/pretrain.py --config configs/demo/vqkd.yaml --set objective.teacher.path=$(DTM_TEACHER) \
+		2>&1 | tee $(VQKD_LOG)
+	id=$$(sed -n 's/^mlflow_run_id=//p' $(VQKD_LOG) | tail -1); test -n "$$id" && \
+		$(PY) launch/pretrain.py --config configs/demo/beitv2.yaml --set objective.tokenizer.run_id=$$id
 
 # The same demo as a Ray job on a local cluster (`$(VENV)/bin/ray start --head` first): the job runs this venv's
 # Python and keeps data and tracking in this checkout. Ray >= 2.60 clusters use token auth by default.
