@@ -26,7 +26,6 @@ from maskray.eval.protocol import eval_shard_sets
 from maskray.models import build_encoder, load_pretrained
 from maskray.objective import objective_teacher_specs
 from maskray.ray_env import ensure_ray
-from maskray.storage import join as storage_join
 from maskray.storage import make_dirs, resolve
 from maskray.teacher_sources import teacher_run_record
 from maskray.tracking import find_or_create_run, finish_run, run_metrics, run_url_hint, usable_tracking_uri
@@ -160,7 +159,7 @@ def run_pretraining(
     )
 
     # a resume unpickles the run's checkpoints: refuse them before any worker starts if others can write them
-    refuse_writable_by_others(storage_join(config.tracking.storage_path, run_name), "tracking.storage_path")
+    refuse_writable_by_others(storage.join(config.tracking.storage_path, run_name), "tracking.storage_path")
     stop_note = stop_note_location(config.tracking.storage_path, run_name)
     clear_stop_note(stop_note)
     ensure_ray()
