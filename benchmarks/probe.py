@@ -29,15 +29,14 @@ from maskray.checkpoint import encoder_from_state
 from maskray.config import load_config
 from maskray.context import RankRandomness, StepContext
 from maskray.data import infinite_batches, resolve_shards
-from maskray.engine.deepspeed_setup import build_optimizer, build_scheduler
+from maskray.engine.deepspeed_setup import build_optimizer, build_scheduler, encoder_state
 from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
 from maskray.models import build_encoder
 from maskray.objective import build_objective
 
 
 def knn(objective, config, eval_sets) -> dict[str, float]:
-    state = {key: value.float() for key, value in objective.eval_encoder().timm_state_dict().items()}
-    metrics = encoder_knn_metrics(encoder_from_state(config, state), eval_sets, config)
+    metrics = encoder_knn_metrics(encoder_from_state(config, encoder_state(objective)), eval_sets, config)
     return {key: round(value, 2) for key, value in metrics.items() if "top1" in key}
 
 
