@@ -1,7 +1,8 @@
 """The MAE of each library at one architecture, for ``peers_step.py`` and ``peers_quality.py``.
 
 - ``maskray``: its real path, the one ``launch/pretrain.py`` runs: ``build_encoder`` + the registered ``mae``
-  objective in a DeepSpeed engine (ZeRO-2, ``train.precision``), stepped by the worker's ``optimizer_step``.
+  objective in a DeepSpeed engine (``train.zero_stage`` auto: stage 0 for this one worker; ``train.precision``),
+  stepped by the worker's ``optimizer_step``.
 - ``hf``: ``transformers.ViTMAEForPreTraining`` (SDPA attention, ``norm_pix_loss``), ``torch.optim.AdamW``.
 - ``lightly``: lightly's MAE building blocks as its MAE example assembles them: ``MaskedVisionTransformerTIMM`` over
   a timm ViT, ``MAEDecoderTIMM``, ``random_token_mask`` / ``set_at_index`` / ``get_at_index`` / ``patchify``; the
@@ -71,7 +72,7 @@ def maskray_config(arch: Arch, batch: int, precision: str, steps: int, lr: float
         f"model.depth={arch.depth}", "objective.name=mae", f"objective.mask_ratio={arch.mask_ratio}",
         "objective.norm_pix=true", f"objective.decoder_dim={arch.decoder_dim}",
         f"objective.decoder_depth={arch.decoder_depth}", f"objective.decoder_heads={arch.decoder_heads}",
-        f"data.batch_size={batch}", f"train.steps={steps}", f"optim.lr={lr}", "train.zero_stage=2",
+        f"data.batch_size={batch}", f"train.steps={steps}", f"optim.lr={lr}",
         f"train.precision={precision}", *extra,
     ])
 

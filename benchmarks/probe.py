@@ -51,7 +51,7 @@ def main(argv: list[str]) -> dict:
     before = knn(objective, config, eval_sets)
     print("random init", before, flush=True)
 
-    optimizer = build_optimizer(objective, config)
+    optimizer = build_optimizer(objective, config, world_size=1)
     scheduler = build_scheduler(optimizer, config)
     randomness = RankRandomness(config.train.seed, 0, torch.device("cpu"))
     batches = infinite_batches(

@@ -43,6 +43,17 @@ def test_bad_values_name_the_key(overrides, fragment) -> None:
     assert fragment in message and "\n" not in message
 
 
+def test_zero_stage_auto_is_0_for_one_worker_and_2_for_more() -> None:
+    from maskray.config import zero_stage
+
+    auto = load_config(None).train
+    assert auto.zero_stage == "auto" and zero_stage(auto, 1) == 0 and zero_stage(auto, 2) == zero_stage(auto, 8) == 2
+    assert zero_stage(load_config(None, ["train.zero_stage=3"]).train, 1) == 3  # an explicit stage is kept
+    from maskray.engine.driver import run_params
+
+    assert run_params(load_config(None, ["scaling.workers=1"]))["deepspeed.zero_stage"] == 0
+
+
 def test_bad_yaml_names_the_file(tmp_path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("model: [unclosed\n")

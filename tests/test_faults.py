@@ -99,9 +99,9 @@ def test_held_metrics_are_written_at_flush_and_never_below_the_logged_steps(tmp_
 
 
 # --- resuming under another world size -----------------------------------------------------------------------------
-def _fake_checkpoint(directory: Path, workers: int, step: int) -> None:
-    """What :func:`~maskray.engine.driver.check_resume_world_size` reads: the config, encoder and DeepSpeed tag."""
-    config = load_config(None, [f"scaling.workers={workers}"])
+def _fake_checkpoint(directory: Path, workers: int, step: int, stage: str = "auto") -> None:
+    """What :func:`~maskray.engine.driver.check_resume_layout` reads: the config, encoder and DeepSpeed tag."""
+    config = load_config(None, [f"scaling.workers={workers}", f"train.zero_stage={stage}"])
     (directory / DEEPSPEED_DIR).mkdir(parents=True)
     (directory / DEEPSPEED_DIR / "latest").write_text(f"step{step}")
     (directory / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json")))
@@ -109,15 +109,28 @@ def _fake_checkpoint(directory: Path, workers: int, step: int) -> None:
 
 
 def test_resume_under_another_world_size_is_refused(tmp_path) -> None:
-    from maskray.engine.driver import check_resume_world_size
+    from maskray.engine.driver import check_resume_layout
 
     _fake_checkpoint(tmp_path / "runs" / "two" / "checkpoint_000001", workers=2, step=40)
     config = load_config(None, [f"tracking.storage_path={tmp_path / 'runs'}", "scaling.workers=1"])
     with pytest.raises(ConfigError, match=r"^scaling.workers: run 'two' was checkpointed with 2 workers \(step 40\) "
                                           r"and cannot resume with 1; re-submit it with --workers 2"):
-        check_resume_world_size(config, "two")
-    check_resume_world_size(config.model_copy(update={"scaling": load_config(None).scaling}), "two")  # 2: fine
-    check_resume_world_size(config, "new-run")  # nothing to resume
+        check_resume_layout(config, "two")
+    check_resume_layout(config.model_copy(update={"scaling": load_config(None).scaling}), "two")  # 2: fine
+    check_resume_layout(config, "new-run")  # nothing to resume
+
+
+def test_resume_under_another_zero_stage_is_refused(tmp_path) -> None:
+    """A one-worker run checkpointed at stage 2 (the default before ``auto``) does not resume at ``auto``'s 0."""
+    from maskray.engine.driver import check_resume_layout
+
+    _fake_checkpoint(tmp_path / "runs" / "one" / "checkpoint_000001", workers=1, step=8, stage="2")
+    config = load_config(None, [f"tracking.storage_path={tmp_path / 'runs'}", "scaling.workers=1"])
+    with pytest.raises(ConfigError, match=r"^train.zero_stage: run 'one' was checkpointed with ZeRO stage 2 \(step 8\) "
+                                          r"and cannot resume with stage 0; re-submit it with --set train.zero_stage=2$"):
+        check_resume_layout(config, "one")
+    check_resume_layout(load_config(None, [f"tracking.storage_path={tmp_path / 'runs'}", "scaling.workers=1",
+                                           "train.zero_stage=2"]), "one")
 
 
 def test_the_launcher_refuses_it_with_exit_code_2_before_ray_starts(demo_shards, tmp_path, capsys) -> None:

@@ -233,7 +233,7 @@ def test_param_groups_follow_no_weight_decay_and_specs() -> None:
     assert "encoder.vit.blocks.0.attn.qkv.weight" not in undecayed
     assert {f"encoder.{name}" for name in objective.encoder.no_weight_decay()} <= objective.no_weight_decay()
     objective.param_group_specs = lambda: [ParamGroupSpec("decoder", lr_scale=0.1, weight_decay=0.5, max_grad_norm=1.0)]
-    optimizer = build_optimizer(objective, config)
+    optimizer = build_optimizer(objective, config, world_size=1)
     assert isinstance(optimizer, GroupClippedAdamW)
     decoder = [g for g in optimizer.param_groups if g["max_grad_norm"] == 1.0]
     assert {g["weight_decay"] for g in decoder} == {0.5, 0.0}

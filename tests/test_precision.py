@@ -134,7 +134,7 @@ def test_fused_adamw_steps_like_the_for_loop_adamw() -> None:
     config = load_config(None, ["optim.lr=1e-2", "optim.weight_decay=0.05"])
     torch.manual_seed(0)
     objective = build_objective("mae", {}, build_encoder(config.model))
-    optimizer = build_optimizer(objective, config)
+    optimizer = build_optimizer(objective, config, world_size=1)
     assert all(group["fused"] for group in optimizer.param_groups)
     reference_params = [p.detach().clone().requires_grad_() for p in objective.parameters()]
     reference = torch.optim.AdamW(

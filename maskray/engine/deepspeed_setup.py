@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from maskray.config import Config
+from maskray.config import Config, zero_stage
 from maskray.distributed import gathered
 from maskray.engine.optimizer import GroupClippedAdamW
 from maskray.models import set_fused_attention
@@ -28,7 +28,7 @@ def deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict[str, A
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world_size,
-        "zero_optimization": {"stage": config.train.zero_stage},
+        "zero_optimization": {"stage": zero_stage(config.train, world_size)},
         "bf16": {"enabled": bf16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -38,9 +38,10 @@ def deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict[str, A
     return ds
 
 
-def build_optimizer(objective: Objective, config: Config) -> torch.optim.Optimizer:
+def build_optimizer(objective: Objective, config: Config, world_size: int) -> torch.optim.Optimizer:
     """AdamW over the objective's parameter groups, each at ``lr * lr_scale``; a :class:`GroupClippedAdamW` when a
-    group sets ``max_grad_norm``. torch's fused AdamW kernel (one pass over each tensor instead of one per
+    group sets ``max_grad_norm`` (its norms summed over the ranks' shards when ``world_size`` workers partition it
+    under ZeRO). torch's fused AdamW kernel (one pass over each tensor instead of one per
     elementwise op; the same update as the for-loop form within rounding)."""
     base_lr = config.learning_rate()
     groups = []
@@ -49,8 +50,8 @@ def build_optimizer(objective: Objective, config: Config) -> torch.optim.Optimiz
         group["lr"] = base_lr * group.pop("lr_scale")
         groups.append(group)
     if any(group["max_grad_norm"] is not None for group in groups):
-        return GroupClippedAdamW(groups, partitioned=config.train.zero_stage > 0, lr=base_lr, betas=config.optim.betas,
-                                 fused=True)
+        return GroupClippedAdamW(groups, partitioned=zero_stage(config.train, world_size) > 0, lr=base_lr,
+                                 betas=config.optim.betas, fused=True)
     return torch.optim.AdamW(groups, lr=base_lr, betas=config.optim.betas, fused=True)
 
 
@@ -81,11 +82,11 @@ def build_engine(objective: Objective, config: Config, world_size: int, bf16: bo
     if bf16 and get_accelerator().device_name() == "cpu":
         set_fused_attention(objective, False)
 
-    if config.train.zero_stage == 3:
+    if zero_stage(config.train, world_size) == 3:
         from maskray.models.zero import register_external_parameters
 
         register_external_parameters(objective)
-    optimizer = build_optimizer(objective, config)
+    optimizer = build_optimizer(objective, config, world_size)
     scheduler = build_scheduler(optimizer, config)
     ds_config = deepspeed_config(config, world_size, bf16)
     if isinstance(optimizer, GroupClippedAdamW):  # ZeRO accepts other optimizer types only when told to

@@ -15,7 +15,7 @@ from typing import Any
 
 from maskray import storage
 from maskray.checkpoint import checkpoint_step, latest_checkpoint, read_checkpoint_config, refuse_writable_by_others
-from maskray.config import Config, project_root
+from maskray.config import Config, project_root, zero_stage
 from maskray.data import resolve_shards
 from maskray.data.health import clear_stop_note, raise_if_stopped, stop_note_location
 from maskray.data.reader import first_sample
@@ -71,13 +71,15 @@ def run_params(config: Config) -> dict[str, Any]:
 
 
 def run_record(config: Config) -> tuple[dict[str, Any], dict[str, str]]:
-    """The run's MLflow params and tags. Params: the flattened config, plus ``model.init_from_sha256`` (the
+    """The run's MLflow params and tags. Params: the flattened config, plus ``deepspeed.zero_stage`` (the stage
+    ``train.zero_stage`` resolves to at ``scaling.workers``), plus ``model.init_from_sha256`` (the
     file's sha256) when ``model.init_from`` is set, plus ``<key>.sha256`` / ``<key>.resolved`` for every frozen
     teacher of the objective (``objective.teacher``). Tags: :meth:`Config.run_tags` plus each teacher's
     (``teacher``: its source, or ``random-init (test only)``). The init file and every teacher are loaded here
     first, so one that is missing, unreadable, of another architecture, or an unknown run id or a run without
     its encoder artifact stops the driver (ConfigError) before any worker starts."""
     params, tags = config.flat(), config.run_tags()
+    params["deepspeed.zero_stage"] = zero_stage(config.train, config.scaling.workers)
     if config.model.init_from:
         params["model.init_from_sha256"] = load_pretrained(build_encoder(config.model), config.model.init_from).sha256
     for key, spec in objective_teacher_specs(config.objective.name, config.objective.params).items():
@@ -98,20 +100,29 @@ def storage_location(location: str):
         raise ConfigError(f"tracking.storage_path: cannot use '{location}': {first}") from None
 
 
-def check_resume_world_size(config: Config, run_name: str) -> None:
-    """Refuse (ConfigError, before any worker starts) to resume a run under another world size than its latest
-    checkpoint's (``scaling.workers`` in its ``model.json``): the DeepSpeed ZeRO optimizer state is saved as one
-    shard per rank and the data stream is split by rank, so the run resumes with its own worker count."""
+def check_resume_layout(config: Config, run_name: str) -> None:
+    """Refuse (ConfigError, before any worker starts) to resume a run under another world size or ZeRO stage
+    than its latest checkpoint's (``scaling.workers`` and ``train.zero_stage`` in its ``model.json``): the
+    DeepSpeed optimizer state is saved as one shard per rank in the stage's own layout and the data stream is
+    split by rank, so the run resumes with its own worker count and stage."""
     try:
         checkpoint = latest_checkpoint(storage.join(config.tracking.storage_path, run_name))
     except ConfigError:  # nothing to resume
         return
-    saved = read_checkpoint_config(checkpoint).scaling.workers
-    if saved != config.scaling.workers:
+    saved = read_checkpoint_config(checkpoint)
+    where = f"run '{run_name}' was checkpointed with"
+    if saved.scaling.workers != config.scaling.workers:
         raise ConfigError(
-            f"scaling.workers: run '{run_name}' was checkpointed with {saved} workers (step "
-            f"{checkpoint_step(checkpoint)}) and cannot resume with {config.scaling.workers}; re-submit it with "
-            f"--workers {saved} (or start a new run name from its weights with model.init_from)"
+            f"scaling.workers: {where} {saved.scaling.workers} workers (step {checkpoint_step(checkpoint)}) and "
+            f"cannot resume with {config.scaling.workers}; re-submit it with --workers {saved.scaling.workers} "
+            "(or start a new run name from its weights with model.init_from)"
+        )
+    stage = zero_stage(saved.train, saved.scaling.workers)
+    if stage != zero_stage(config.train, config.scaling.workers):
+        raise ConfigError(
+            f"train.zero_stage: {where} ZeRO stage {stage} (step {checkpoint_step(checkpoint)}) and cannot resume "
+            f"with stage {zero_stage(config.train, config.scaling.workers)}; re-submit it with "
+            f"--set train.zero_stage={stage}"
         )
 
 
@@ -153,7 +164,7 @@ def run_pretraining(
     run_name = run_name or default_run_name(config)
     tracking_uri = usable_tracking_uri(config.tracking.resolved_uri(), project_root() / FALLBACK_STORE)
     storage_filesystem, storage_path = storage_location(config.tracking.storage_path)
-    check_resume_world_size(config, run_name)
+    check_resume_layout(config, run_name)
     run_id, resumed = find_or_create_run(
         tracking_uri, config.tracking.experiment, run_name, params, {**run_tags, **(tags or {})}
     )
