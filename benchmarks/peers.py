@@ -15,6 +15,7 @@ mode (bf16 weights, fp32 master weights in the optimizer). All three: AdamW (0.9
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import sys
@@ -34,6 +35,12 @@ from maskray.models import build_encoder  # noqa: E402
 from maskray.objective import Objective, build_objective  # noqa: E402
 
 LIBRARIES = ("maskray", "hf", "lightly")
+# what each library's step imports before it builds a model (``import_library``)
+LIBRARY_MODULES = {
+    "maskray": ("timm", "deepspeed", "maskray.engine.deepspeed_setup", "maskray.engine.worker"),
+    "hf": ("timm", "transformers.models.vit_mae.modeling_vit_mae"),
+    "lightly": ("timm", "lightly.models.modules", "lightly.models.utils"),
+}
 CPU = torch.device("cpu")
 
 
@@ -209,6 +216,13 @@ class PeerStep:
 
     def encoder(self) -> nn.Module:
         return self.model.vit if self.library == "hf" else self.model.backbone
+
+
+def import_library(library: str) -> None:
+    """Import the modules ``library``'s step needs (``LIBRARY_MODULES``), so that what a process holds after this
+    is the library's code and what it adds later is the training's own memory."""
+    for module in LIBRARY_MODULES[library]:
+        importlib.import_module(module)
 
 
 def build_step(library: str, arch: Arch, batch: int, precision: str, **kwargs):

@@ -4,23 +4,26 @@
         [--warmup 1] [--rounds 2] [--libraries maskray hf lightly] [--no-check]
     python benchmarks/peers_step.py --profile maskray [--arch vit_s16] [--precision bf16] [--batch 8] [--rows 25]
 
-One step = zero_grad + forward + loss + backward + AdamW on synthetic images (ViT-S/16 or ViT-B/16 at 224,
-decoder 8 x 512 x 16 heads, mask 0.75, norm-pix). Each (library, arch, precision) runs in its own subprocess, so
-its peak RSS (``ru_maxrss``, torch's import included) is its own; the subprocesses alternate library by library
-within every round (the order rotates per round) and each keeps its best round. Reported: images/s (median over
-the timed steps), peak RSS, GFLOP per image (forward + backward, torch's ``FlopCounterMode`` on one step) and the
+One step = zero_grad + forward + loss + backward + AdamW on synthetic images (ViT-S/16 or ViT-B/16 at 224, decoder 8
+x 512 x 16 heads, mask 0.75, norm-pix). Each (library, arch, precision) runs in its own subprocess, so its peak RSS
+(``ru_maxrss``, torch's import included) is its own; the subprocesses alternate library by library within every
+round (the order rotates per round) and each keeps its best round. Reported: images/s (median over the timed steps),
+peak RSS, the training's memory (peak RSS less the RSS once the library's modules are imported, before the model is
+built: weights, gradients, optimizer state, activations and the framework's buffers, the CPU counterpart of
+``max_memory_allocated``), GFLOP per image (forward + backward, torch's ``FlopCounterMode`` on one step) and the
 fraction of the machine's matmul peak that this reaches (a 2048 x 2048 matmul in the same dtype on all threads,
 measured at the start and the end of the run, the best kept). Before the timing, the fp32 losses of the three
 libraries for the same weights (HF's copied into maskray, maskray's into lightly), images and mask at the first
 ``--arch`` (``--no-check`` skips it). The table gives maskray / peer ratios; the last line is one JSON object.
-``--profile LIBRARY``: where one step of that library goes instead (``torch.profiler``, the ops by self CPU
-time, after ``--warmup`` steps).
+``--profile LIBRARY``: where one step of that library goes instead (``torch.profiler``, the ops by self CPU time,
+after ``--warmup`` steps).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MEMORY = ("peak_rss_mib", "training_mib")  # the largest over the rounds is kept
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -60,9 +64,18 @@ def step_flops(step, images: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
+def rss_mib() -> float:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def worker(args: argparse.Namespace) -> dict:
-    """One library's run in this process: warm-up (the first counts FLOPs), timed steps, peak RSS."""
+    """One library's run in this process: warm-up (the first counts FLOPs), timed steps, peak RSS and the
+    training's memory above the imported library."""
     arch = peers.ARCHS[args.arch]
+    peers.import_library(args.worker)
+    imported = rss_mib()
     step = peers.build_step(args.worker, arch, args.batch, args.precision)
     images = torch.randn(args.batch, 3, arch.img_size, arch.img_size, generator=torch.Generator().manual_seed(0))
     flops = step_flops(step, images)
@@ -73,8 +86,9 @@ def worker(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         losses.append(step(images))
         times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"images_per_s": args.batch / statistics.median(times), "gflop_per_image": flops / args.batch / 1e9,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses}
+            "peak_rss_mib": peak, "training_mib": peak - imported, "losses": losses}
 
 
 def profile(args: argparse.Namespace) -> None:
@@ -140,34 +154,36 @@ def main() -> None:
                 for library in order:
                     result = run_worker(library, arch, precision, args)
                     print(f"round {round_index} {arch} {precision} {library}: {result['images_per_s']:.2f} img/s, "
-                          f"{result['peak_rss_mib']:.0f} MiB", flush=True)
+                          f"peak {result['peak_rss_mib']:.0f} MiB, training {result['training_mib']:.0f} MiB",
+                          flush=True)
                     key = (arch, precision, library)
                     best = cells.get(key)
-                    cells[key] = {**result, "peak_rss_mib": max(result["peak_rss_mib"],
-                                                                best["peak_rss_mib"] if best else 0.0)}
-                    if best and best["images_per_s"] > result["images_per_s"]:
-                        cells[key] = {**best, "peak_rss_mib": cells[key]["peak_rss_mib"]}
+                    fastest = best if best and best["images_per_s"] > result["images_per_s"] else result
+                    cells[key] = {**fastest, **{name: max(result[name], best[name] if best else 0.0)
+                                                for name in MEMORY}}
     for name, dtype in DTYPES.items():
         peak[name] = max(peak[name], matmul_peak(dtype))
 
     print(f"\nmatmul peak (2048^2, {torch.get_num_threads()} threads): "
           + ", ".join(f"{name} {value / 1e9:.0f} GFLOP/s" for name, value in peak.items()))
-    print("| arch | precision | library | images/s | peak RSS MiB | GFLOP/image | % of matmul peak "
-          "| maskray / library (img/s) | maskray / library (RSS) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| arch | precision | library | images/s | peak RSS MiB | training MiB | GFLOP/image | % of matmul peak "
+          "| maskray / library (img/s) | maskray / library (RSS) | maskray / library (training) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for (arch, precision, library), cell in cells.items():
         ours = cells.get((arch, precision, "maskray"))
         fraction = cell["images_per_s"] * cell["gflop_per_image"] * 1e9 / peak[precision]
         speed = ours["images_per_s"] / cell["images_per_s"] if ours else None
         memory = ours["peak_rss_mib"] / cell["peak_rss_mib"] if ours else None
+        training = ours["training_mib"] / cell["training_mib"] if ours else None
         rows.append({"arch": arch, "precision": precision, "library": library, "batch": args.batch,
                      "images_per_s": cell["images_per_s"], "peak_rss_mib": cell["peak_rss_mib"],
+                     "training_mib": cell["training_mib"], "maskray_training_memory_ratio": training,
                      "gflop_per_image": cell["gflop_per_image"], "peak_fraction": fraction,
                      "maskray_speed_ratio": speed, "maskray_memory_ratio": memory})
+        ratios = " | ".join(f"{value:.2f}x" if value else "–" for value in (speed, memory, training))
         print(f"| {arch} | {precision} | {library} | {cell['images_per_s']:.2f} | {cell['peak_rss_mib']:.0f} "
-              f"| {cell['gflop_per_image']:.1f} | {100 * fraction:.0f} % | "
-              f"{f'{speed:.2f}x' if speed else '–'} | {f'{memory:.2f}x' if memory else '–'} |")
+              f"| {cell['training_mib']:.0f} | {cell['gflop_per_image']:.1f} | {100 * fraction:.0f} % | {ratios} |")
     print(json.dumps({"benchmark": "peers_step", "host": platform.node(), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "batch": args.batch, "steps": args.steps,
                       "rounds": args.rounds, "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},

@@ -179,3 +179,30 @@ def test_a_bf16_cpu_engine_uses_explicit_attention(process_group) -> None:
         build_engine(objective, config, world_size=1, bf16=bf16)
         flags = {m.fused_attn for m in objective.modules() if hasattr(m, "fused_attn")}
         assert flags == {not bf16}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_one_worker_zero0_engine_skips_the_all_reduce_and_steps_the_same(process_group, precision) -> None:
+    """World size 1, ZeRO stage auto (0): DeepSpeed's gradient all-reduce is off and the weights after three
+    steps equal those of the same engine with it on."""
+    from maskray.engine.worker import optimizer_step
+
+    config = load_config(None, ["objective.name=mae", "data.batch_size=4", "train.steps=3", "optim.lr=1e-2",
+                                "optim.warmup_steps=0", "optim.clip_grad=1.0", f"train.precision={precision}"])
+    bf16 = use_bf16(config, CPU)
+    batch = {"image": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), "key": list("abcd"),
+             "label": torch.zeros(4, dtype=torch.int64)}
+    weights = []
+    for all_reduce in (False, True):
+        torch.manual_seed(0)
+        objective = build_objective("mae", config.objective.params, build_encoder(config.model))
+        engine = build_engine(objective, config, world_size=1, bf16=bf16)
+        assert engine.zero_optimization_stage() == 0 and engine.enable_backward_allreduce is False
+        engine.enable_backward_allreduce = all_reduce
+        randomness = RankRandomness(0, 0)
+        for step in range(3):
+            optimizer_step(engine, objective, iter([batch]), StepContext(step, 3, generator=randomness.generator), 1,
+                           CPU, torch.bfloat16 if bf16 else torch.float32)
+        weights.append([p.detach().float().clone() for p in objective.parameters()])
+    for ours, reference in zip(*weights, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)

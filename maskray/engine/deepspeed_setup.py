@@ -72,9 +72,11 @@ def build_engine(objective: Objective, config: Config, world_size: int, bf16: bo
     """Wrap ``objective`` in a DeepSpeed engine with its optimizer and the warmup-cosine schedule.
 
     The schedule is a ``LambdaLR`` so DeepSpeed steps it at every optimizer step and saves it in the
-    checkpoint. Under ZeRO-3 the parameters that modules read outside their owners' forward are registered as
-    external parameters first. bf16 on a CPU engine runs attention in timm's explicit form (CPU flash-attention
-    backward is slow in bf16, :func:`~maskray.models.set_fused_attention`). Returns the engine.
+    checkpoint. A one-worker ZeRO-0 engine skips DeepSpeed's gradient all-reduce, which would flatten every
+    gradient into one bucket (a second copy of them all), reduce it over the single rank and copy it back. Under
+    ZeRO-3 the parameters that modules read outside their owners' forward are registered as external parameters
+    first. bf16 on a CPU engine runs attention in timm's explicit form (CPU flash-attention backward is slow in
+    bf16, :func:`~maskray.models.set_fused_attention`). Returns the engine.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -94,6 +96,8 @@ def build_engine(objective: Objective, config: Config, world_size: int, bf16: bo
     engine, _, _, _ = deepspeed.initialize(
         model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:
+        engine.enable_backward_allreduce = False  # an all-reduce over one rank changes nothing
     return engine
 
 
