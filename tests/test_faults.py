@@ -126,8 +126,9 @@ def test_resume_under_another_zero_stage_is_refused(tmp_path) -> None:
 
     _fake_checkpoint(tmp_path / "runs" / "one" / "checkpoint_000001", workers=1, step=8, stage="2")
     config = load_config(None, [f"tracking.storage_path={tmp_path / 'runs'}", "scaling.workers=1"])
-    with pytest.raises(ConfigError, match=r"^train.zero_stage: run 'one' was checkpointed with ZeRO stage 2 \(step 8\) "
-                                          r"and cannot resume with stage 0; re-submit it with --set train.zero_stage=2$"):
+    with pytest.raises(ConfigError, match=r"^train.zero_stage: run 'one' was checkpointed with ZeRO stage 2 "
+                                          r"\(step 8\) and cannot resume with stage 0; re-submit it with "
+                                          r"--set train.zero_stage=2$"):
         check_resume_layout(config, "one")
     check_resume_layout(load_config(None, [f"tracking.storage_path={tmp_path / 'runs'}", "scaling.workers=1",
                                            "train.zero_stage=2"]), "one")
