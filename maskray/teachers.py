@@ -90,6 +90,10 @@ class EMATeacher(Teacher):
         momentum: ``m(step, total_steps)`` for the update after optimizer step ``step`` (0-based), e.g.
             ``functools.partial(maskray.schedules.cosine_schedule, start=0.996, end=1.0)``.
         include_buffers: average floating buffers too (integer buffers such as ``num_batches_tracked`` are copied).
+
+    Teacher and student tensors are paired by name. A parameter added to the student after the teacher was built
+    (a mask token that a later part of a composite adds to the shared backbone) is not followed: the teacher was
+    copied without it and never reads it.
         batch_stats: the teacher's batch norms normalise with the batch's statistics (MoCo v3's momentum
             encoder runs in train mode); its running statistics then follow its own batches.
     """
@@ -111,21 +115,31 @@ class EMATeacher(Teacher):
         m = float(self.momentum(step, total_steps))
         if not 0.0 <= m <= 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1], got {m} at step {step}")
-        student_params = list(self.student.parameters())
-        with gathered(student_params):
-            for target, source in zip(self.module.parameters(), student_params, strict=True):
+        student_params = dict(self.student.named_parameters())
+        with gathered(list(student_params.values())):
+            for name, target in self.module.named_parameters():
+                source = self._source(student_params, name)
                 if source.requires_grad:
                     target.mul_(m).add_(source.detach().to(target.dtype), alpha=1.0 - m)
                 else:  # a frozen student parameter (fixed position embedding, MoCo v3's patch projection)
                     target.copy_(source.detach())  # stays exactly equal instead of drifting by rounding
         if self.include_buffers:
-            for target, source in zip(self.module.buffers(), self.student.buffers(), strict=True):
+            student_buffers = dict(self.student.named_buffers())
+            for name, target in self.module.named_buffers():
+                source = self._source(student_buffers, name)
                 if target.is_floating_point():
                     target.mul_(m).add_(source.to(target.dtype), alpha=1.0 - m)
                 else:
                     target.copy_(source)
         self.last_momentum = m
         return m
+
+    @staticmethod
+    def _source(student: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        try:
+            return student[name]
+        except KeyError:
+            raise RuntimeError(f"EMA teacher: the student has no tensor '{name}' any more") from None
 
 
 class FrozenTeacher(Teacher):

@@ -195,6 +195,27 @@ def test_ema_teacher_formula_covers_buffers_and_never_gets_gradients() -> None:
     assert not out.requires_grad and not teacher.module.training
 
 
+def test_ema_teacher_pairs_tensors_by_name_when_a_later_part_adds_a_mask_token() -> None:
+    """composite [moco_v3, simmim]: simmim adds a mask token to the shared backbone after moco_v3 copied it into
+    its momentum encoder; the EMA still pairs every teacher tensor with the student's of the same name."""
+    config = load_config(None)
+    parts = [{"name": "moco_v3", "weight": 0.5}, {"name": "simmim", "weight": 0.5}]
+    objective = build_objective("composite", {"parts": parts}, build_encoder(config.model))
+    teacher = next(iter(objective.teachers().values()))
+    student = dict(teacher.student.named_parameters())
+    assert any(name.endswith("mask_token") for name in student)
+    assert not any(name.endswith("mask_token") for name, _ in teacher.module.named_parameters())
+    with torch.no_grad():
+        for param in student.values():
+            param.add_(1.0)
+    before = {name: p.clone() for name, p in teacher.module.named_parameters()}
+    m = teacher.update(0, 10)
+    for name, new in teacher.module.named_parameters():
+        source = student[name]
+        expected = m * before[name] + (1 - m) * source if source.requires_grad else source
+        torch.testing.assert_close(new, expected, msg=name)
+
+
 class _Frozen(Objective):
     """An objective around a frozen teacher (the pre-platform fixture's encoder)."""
 
