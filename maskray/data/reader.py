@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from maskray import storage
 from maskray.data.manifest import ShardSet, member_sha256, read_manifest
 from maskray.data.sample import DecodedSample
+from maskray.data.tar import tar_samples
 from maskray.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def read_tars(shards: Iterable[tuple[str, int]]) -> Iterator[dict | Lost]:
         read, error = 0, ""
         try:
             with storage.open_input(url) as stream:  # a local file or an object-store stream
-                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                for sample in tar_samples(stream, url):
                     read += 1
                     yield sample
         except Exception as exc:  # a read error loses the rest of this shard only
