@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 Batch = dict[str, Any]
 Transform = Callable[[DecodedSample], dict[str, Any]]
 RESERVED = ("key", "label", "skipped", "bad")  # batch fields the reader adds
+_RESERVED = frozenset(RESERVED)
 
 
 def steps_per_epoch(shards: ShardSet, batch_size: int, world_size: int) -> int:
@@ -290,7 +291,7 @@ class _Decode:
                 logger.warning("skipping sample '%s' in shard '%s': %s", key, shard, exc)
                 yield Lost(shard, 1, _reason(exc), key)
                 continue
-            if not isinstance(out, dict) or any(name in out for name in RESERVED):
+            if not isinstance(out, dict) or not _RESERVED.isdisjoint(out):
                 raise TypeError(f"a transform must return a dict without the keys {RESERVED}, got {type(out).__name__}"
                                 + (f" with keys {sorted(out)}" if isinstance(out, dict) else ""))
             yield {**out, "label": label, "key": key}

@@ -22,9 +22,8 @@ import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from webdataset.tariterators import group_by_keys
-
 BLOCK = tarfile.BLOCKSIZE
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: (key, suffix)
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skip_meta
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")  # tarfile's pax record
 _PAX_CHARSET = re.compile(rb"\d+ hdrcharset=([^\n]+)\n")
@@ -43,14 +42,23 @@ _RESUME_BLOCK = _RESUME.tobuf(tarfile.USTAR_FORMAT)
 
 def tar_samples(stream: BinaryIO, url: str) -> Iterator[dict]:
     """``{"__key__", "__url__", <suffix>: bytes, ...}`` per sample of the tar ``stream``: what
-    ``group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))`` yields, and raises, for the same bytes."""
-
-    def members() -> Iterator[dict]:
-        for name, data in tar_members(stream):
-            yield {"fname": name, "data": data, "__url__": url}
-        yield {}  # tar_file_expander's end-of-shard marker: group_by_keys yields the last sample
-
-    return group_by_keys(members())
+    ``group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))`` yields, and raises, for the same bytes
+    (consecutive members grouped by the name before the first dot of its base name, suffixes lower-cased)."""
+    sample = None
+    for name, data in tar_members(stream):
+        match = _KEY.match(name)
+        if match is None:
+            continue
+        key, suffix = match.group(1), match.group(2).lower()
+        if sample is None or key != sample["__key__"]:
+            if sample is not None and not sample.get("__bad__", False):
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        if suffix in sample:
+            raise ValueError(f"{name}: duplicate file name in tar file {suffix} {sample.keys()}")
+        sample[suffix] = data
+    if sample is not None and not sample.get("__bad__", False):
+        yield sample
 
 
 def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
