@@ -34,6 +34,7 @@ _NO_DATA = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE,
 # which needs no per-field parsing
 _WRITTEN = re.compile(rb"[0-7]{7}\0[0-7]{7}\0[0-7]{7}\0([0-7]{11})\0[0-7]{11}\0([0-7]{6})\0 ")
 _DEVICES = re.compile(rb"(?:[0-7]{7}\0|\0{8}){2}")
+_BARE_TAIL = bytes(BLOCK - 345)  # the ustar prefix and padding, unused
 _NUMBERS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337), (337, 345))
 _RESUME = tarfile.TarInfo("maskray-resume")  # puts the handed-over stream at a non-zero offset (skipped: a directory)
 _RESUME.type = tarfile.DIRTYPE
@@ -118,7 +119,8 @@ def _header(block: bytes) -> tuple[bytes, str, int] | None:
         if None in numbers:
             return None
         size, checksum = numbers[3], numbers[5]
-    if checksum != 256 + sum(block) - sum(block[148:156]):
+    bare = block.endswith(_BARE_TAIL)  # no ustar prefix (the usual case): the tail adds nothing to the checksum
+    if checksum != 256 + sum(block[:345] if bare else block) - sum(block[148:156]):
         return None
     kind = block[156:157]
     name = _string(block[0:100])
@@ -126,7 +128,7 @@ def _header(block: bytes) -> tuple[bytes, str, int] | None:
         kind = tarfile.DIRTYPE  # frombuf: an old V7 directory
     elif kind not in _REGULAR and kind not in _NO_DATA and kind != tarfile.XHDTYPE:
         return None
-    prefix = _string(block[345:500])
+    prefix = "" if bare else _string(block[345:500])
     return kind, prefix + "/" + name if prefix else name, size
 
 
