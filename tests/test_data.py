@@ -40,6 +40,7 @@ from maskray.data import (
 )
 from maskray.data.cli import main as make_shards_main
 from maskray.data.manifest import write_manifest
+from maskray.data.reader import read_tars
 from maskray.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +233,18 @@ def test_truncated_tar_and_corrupt_image_are_skipped_and_counted(tmp_path, caplo
     batches = _read(shards, world_size=2, num_workers=2)
     assert sum(batch["skipped"] for batch in batches) == 53 - sum(len(batch["key"]) for batch in batches)
     assert sum(len(batch["key"]) for batch in batches) == len(keys)
+
+
+def test_read_ahead_yields_the_same_stream_of_samples_and_losses(tmp_path, caplog):
+    shards = _write(tmp_path, 53, 10, corrupt=(7,))
+    truncated = Path(shards.urls[3])
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    Path(shards.urls[4]).write_bytes(b"")
+    pairs = list(zip(shards.urls, shards.shard_sizes, strict=True))
+    one = list(read_tars(pairs))
+    assert sum(1 for item in one if isinstance(item, dict)) < 53 and any(not isinstance(item, dict) for item in one)
+    for read_ahead in (3, 10, 64):
+        assert list(read_tars(pairs, read_ahead=read_ahead)) == one
 
 
 def test_resampled_is_deterministic_with_full_batches(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import npy_bytes, png_bytes
 from PIL import Image
+from torchvision import transforms as T
 
 from maskray.data import (
     BlockMask,
@@ -84,6 +85,26 @@ def test_image_transform_takes_samples_and_has_value_equality():
     assert transform != ImageTransform(8, train=True) and transform != ImageTransform(8, False, std=(1, 1, 1))
     assert ImageTransform(8, True, crop_scale=[0.5, 1.0]) == ImageTransform(8, True, crop_scale=(0.5, 1.0))
     assert pickle.loads(pickle.dumps(transform)) == transform
+
+
+def test_image_transform_equals_torchvision_composition_bit_for_bit():
+    """The transform (a same-mode image not copied, normalisation with precomputed statistics) gives the bits of
+    torchvision's convert -> RandomResizedCrop / flip (or Resize / CenterCrop) -> ToTensor -> Normalize."""
+    bicubic = T.InterpolationMode.BICUBIC
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for mode, train in [("RGB", True), ("L", True), ("RGBA", True), ("RGB", False), ("P", False)]:
+        image = Image.fromarray(_random((20, 14, 3), seed=len(mode))).convert(mode)
+        geometry = ([T.RandomResizedCrop(8, scale=(0.3, 1.0), interpolation=bicubic), T.RandomHorizontalFlip()]
+                    if train else [T.Resize(8, interpolation=bicubic), T.CenterCrop(8)])
+        reference = T.Compose([*geometry, T.ToTensor(), T.Normalize(mean, std)])
+        ours = ImageTransform(8, train=train, crop_scale=(0.3, 1.0), mean=mean, std=std)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            expected = reference(image.convert("RGB"))
+            torch.manual_seed(seed)
+            assert torch.equal(ours(image), expected), (mode, train, seed)
+    with pytest.raises(ValueError, match="division by zero"):
+        ImageTransform(8, train=False, std=(0.5, 0.0, 0.5))
 
 
 def test_photometric_augmentation():

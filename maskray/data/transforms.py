@@ -82,6 +82,22 @@ def _happens(probability: float) -> bool:
     return probability > 0 and (probability >= 1 or bool(torch.rand(()) < probability))
 
 
+class Normalize:
+    """``(pixels - mean) / std`` per channel of a (..., C, H, W) float32 tensor, into a new tensor: the arithmetic of
+    torchvision's ``Normalize`` (float32 statistics, subtract then divide: the same bits) with the statistics made
+    tensors once, not on every call. ValueError for a zero std (torchvision's, raised here at construction)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        if (self.std == 0).any():
+            raise ValueError(f"std {tuple(std)} evaluated to zero after conversion to torch.float32, leading to "
+                             "division by zero")
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean) / self.std
+
+
 class ImageTransform:
     """PIL image, band array or a sample's image 0 / bands -> normalised float tensor (C, img_size, img_size),
     C = ``in_chans``.
@@ -123,7 +139,7 @@ class ImageTransform:
         else:
             geometry = [T.Resize(img_size, interpolation=bicubic), T.CenterCrop(img_size)]
         self.geometry = T.Compose(geometry)  # PIL images and (C, H, W) tensors alike
-        self.normalize = T.Normalize(mean, std)
+        self.normalize = Normalize(mean, std)
 
     @classmethod
     def for_training(cls, model, data) -> ImageTransform:
@@ -149,7 +165,8 @@ class ImageTransform:
         if isinstance(image, DecodedSample):
             image = image.image_or_bands()
         if self.mode and isinstance(image, Image.Image) and not image.mode.startswith(("I", "F")):
-            return self._augment(F.to_tensor(self.geometry(image.convert(self.mode))))
+            image = image if image.mode == self.mode else image.convert(self.mode)  # same mode: convert only copies
+            return self._augment(F.to_tensor(self.geometry(image)))
         pixels = image_array(image)
         scale = 255.0 if pixels.dtype == np.uint8 else 65535.0
         tensor = torch.from_numpy(pixels.astype(np.float32) / scale).permute(2, 0, 1)  # (C, H, W) in [0, 1]
