@@ -87,6 +87,13 @@ class DataConfig(Section):
         refuse_shell(value)
         return value
 
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not all(std > 0 for std in value):
+            raise ValueError("every std must be > 0 (the inputs are divided by it)")
+        return value
+
     @field_validator("crop_scale")
     @classmethod
     def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:

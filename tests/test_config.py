@@ -34,6 +34,7 @@ def test_defaults_and_overrides(tmp_path) -> None:
         (["objective.name=nonexistent"], "unknown objective 'nonexistent'"),
         (["model.img_size=18"], "not divisible"),
         (["train.zero_stage=5"], "key 'train.zero_stage'"),
+        (["data.std=[0.5, 0.0, 0.5]"], "key 'data.std'"),
     ],
 )
 def test_bad_values_name_the_key(overrides, fragment) -> None:
