@@ -76,3 +76,22 @@ def test_non_finite_losses_on_one_rank_are_dropped_on_all_then_stop_the_run(ray_
     assert _history(config, run.info.run_id, "bad_batches") == [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]
     assert run.info.status == "FAILED"
     assert checkpoint_step(latest_checkpoint(tmp_path / "runs" / "nan")) == 6
+
+
+def test_a_group_lost_after_its_final_checkpoint_runs_the_final_stage_again(ray_session, demo_shards, tmp_path) -> None:
+    """Rank 0 is killed while it logs the final figures (after the step-4 checkpoint): the restarted group has no
+    step left to train but still logs the final stage (figures, encoder), in the same FINISHED run."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    config = _config(demo_shards, tmp_path, "objective.name=fault_mae", f"objective.marker_dir={markers}",
+                     "objective.faults=[{step: 0, rank: 0, signal: SIGKILL, at: figures}]", "train.steps=4",
+                     "train.log_every=2", "train.checkpoint_every=4")
+    result = run_pretraining(config, run_name="final-stage")
+
+    assert (markers / "fault0").exists()
+    client = MlflowClient(config.tracking.resolved_uri())
+    artifacts = {item.path for item in client.list_artifacts(result.run_id)}
+    assert {"reconstructions.png", "loss_curve.png", "encoder"} <= artifacts
+    assert [step for step, _ in _history(config, result.run_id, "loss")] == [2, 4]
+    runs = client.search_runs([client.get_experiment_by_name("maskray-demo").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"

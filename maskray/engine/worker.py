@@ -302,8 +302,8 @@ def train_loop_per_worker(loop_config: dict) -> str | None:
                 return stopping
             raise WorkerTerminated(f"{stopping}: checkpointed at step {done}; Ray Train restarts the workers")
 
-    if start >= last_step:
-        return None
+    if start >= last_step:  # restarted after the final checkpoint (the group died in the final stage) or re-submitted:
+        weights = encoder_state(objective)  # the final stage again (its artifacts overwrite, its metrics dedupe)
     if logger:  # the last step always checkpoints, so ``weights`` holds the final encoder
         log_final_encoder(logger, encoder, weights, config, last_step)
         if eval_sets:

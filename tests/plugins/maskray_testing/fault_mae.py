@@ -1,6 +1,7 @@
 """``fault_mae``: MAE whose training worker sends itself a signal at given steps, for the fault tests and the
 recovery benchmark. Each entry of ``faults`` (``{"step": 0-based optimizer step, "rank": r, "signal": "SIGTERM" |
-"SIGKILL"}``) fires once per run: its marker ``<marker_dir>/fault<i>`` (the time it fired) keeps the restarted
+"SIGKILL", "at": "forward" | "figures"}``; ``figures``: in the final stage, after the last checkpoint, on rank 0,
+whatever ``step`` says) fires once per run: its marker ``<marker_dir>/fault<i>`` (the time it fired) keeps the restarted
 workers from firing it again. The first forward of a worker process that starts after a fault writes
 ``<marker_dir>/resumed<i>_rank<r>.json`` (the time, rank and step), so recovery can be timed from kill to first step."""
 
@@ -24,6 +25,7 @@ class Fault(BaseModel):
     step: int
     rank: int
     signal: Literal["SIGTERM", "SIGKILL"] = "SIGKILL"
+    at: Literal["forward", "figures"] = "forward"
 
 
 class FaultMAEParams(MAEParams):
@@ -48,8 +50,18 @@ class FaultMAE(MAE):
                 record = {"time": time.time(), "rank": ctx.rank, "step": ctx.step}
                 markers.joinpath(f"resumed{len(fired) - 1}_rank{ctx.rank}.json").write_text(json.dumps(record))
         for index, fault in enumerate(self.params.faults):
-            marker = markers / f"fault{index}"
-            if fault.step == ctx.step and fault.rank == ctx.rank and not marker.exists():
-                marker.write_text(str(time.time()))
-                os.kill(os.getpid(), getattr(signal, fault.signal))
+            if fault.at == "forward" and fault.step == ctx.step and fault.rank == ctx.rank:
+                self._fire(index, fault)
         return super().forward(batch, ctx)
+
+    def figures(self, batch: dict[str, Any]) -> dict[str, Any]:
+        for index, fault in enumerate(self.params.faults):
+            if fault.at == "figures":
+                self._fire(index, fault)
+        return super().figures(batch)
+
+    def _fire(self, index: int, fault: Fault) -> None:
+        marker = Path(self.params.marker_dir) / f"fault{index}"
+        if not marker.exists():
+            marker.write_text(str(time.time()))
+            os.kill(os.getpid(), getattr(signal, fault.signal))
