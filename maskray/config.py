@@ -139,8 +139,8 @@ class TrainConfig(Section):
         "on any rank; each such batch is dropped (no backward) and counted in the metric bad_batches"
     )
     zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
-        "auto", description="DeepSpeed ZeRO stage; auto: 0 for a one-worker run (nothing to partition, and ZeRO's "
-        "bucket copies, fp32 gradient partition and overflow checks cost ~30 % of a CPU bf16 step), 2 for more"
+        "auto", description="DeepSpeed ZeRO stage; auto: 0 for a one-worker run (nothing to partition, and ZeRO-2's "
+        "gradient bucket and fp32 gradient partition cost ~30 % of a CPU bf16 step there), 2 for more"
     )
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 

@@ -90,12 +90,12 @@ class EMATeacher(Teacher):
         momentum: ``m(step, total_steps)`` for the update after optimizer step ``step`` (0-based), e.g.
             ``functools.partial(maskray.schedules.cosine_schedule, start=0.996, end=1.0)``.
         include_buffers: average floating buffers too (integer buffers such as ``num_batches_tracked`` are copied).
+        batch_stats: the teacher's batch norms normalise with the batch's statistics (MoCo v3's momentum
+            encoder runs in train mode); its running statistics then follow its own batches.
 
     Teacher and student tensors are paired by name. A parameter added to the student after the teacher was built
     (a mask token that a later part of a composite adds to the shared backbone) is not followed: the teacher was
     copied without it and never reads it.
-        batch_stats: the teacher's batch norms normalise with the batch's statistics (MoCo v3's momentum
-            encoder runs in train mode); its running statistics then follow its own batches.
     """
 
     persistent = True

@@ -84,7 +84,8 @@ def build_engine(objective: Objective, config: Config, world_size: int, bf16: bo
     if bf16 and get_accelerator().device_name() == "cpu":
         set_fused_attention(objective, False)
 
-    if zero_stage(config.train, world_size) == 3:
+    stage = zero_stage(config.train, world_size)
+    if stage == 3:
         from maskray.models.zero import register_external_parameters
 
         register_external_parameters(objective)
@@ -96,7 +97,7 @@ def build_engine(objective: Objective, config: Config, world_size: int, bf16: bo
     engine, _, _, _ = deepspeed.initialize(
         model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    if world_size == 1 and ds_config["zero_optimization"]["stage"] == 0:
+    if world_size == 1 and stage == 0:
         engine.enable_backward_allreduce = False  # an all-reduce over one rank changes nothing
     return engine
 

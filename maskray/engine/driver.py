@@ -117,12 +117,11 @@ def check_resume_layout(config: Config, run_name: str) -> None:
             f"cannot resume with {config.scaling.workers}; re-submit it with --workers {saved.scaling.workers} "
             "(or start a new run name from its weights with model.init_from)"
         )
-    stage = zero_stage(saved.train, saved.scaling.workers)
-    if stage != zero_stage(config.train, config.scaling.workers):
+    stage, wanted = zero_stage(saved.train, saved.scaling.workers), zero_stage(config.train, config.scaling.workers)
+    if stage != wanted:
         raise ConfigError(
             f"train.zero_stage: {where} ZeRO stage {stage} (step {checkpoint_step(checkpoint)}) and cannot resume "
-            f"with stage {zero_stage(config.train, config.scaling.workers)}; re-submit it with "
-            f"--set train.zero_stage={stage}"
+            f"with stage {wanted}; re-submit it with --set train.zero_stage={stage}"
         )
 
 
