@@ -35,24 +35,33 @@ def test_mae_decoder_in_bf16_keeps_bf16_with_its_fp32_position_table() -> None:
     assert out.dtype == torch.bfloat16 and out.shape == (2, 6, 12)
 
 
-def _losses(precision: str, steps: int) -> tuple[list[float], torch.dtype]:
+def _train(steps: int, overrides: list[str], batch_size: int = 16, configure=None):
+    """The worker's step (``build_engine`` at world size 1 + ``optimizer_step``) for ``steps`` steps on one fixed
+    batch of the ``mae`` objective; ``configure(engine)`` runs before the first step. Returns (losses, objective)."""
     from maskray.engine.worker import optimizer_step
 
-    config = load_config(None, ["objective.name=mae", "data.batch_size=16", f"train.steps={steps}",
-                                "optim.lr=2e-3", "optim.warmup_steps=1", "train.zero_stage=2",
-                                f"train.precision={precision}"])
+    config = load_config(None, ["objective.name=mae", f"data.batch_size={batch_size}", f"train.steps={steps}",
+                                *overrides])
     torch.manual_seed(0)
     objective = build_objective(config.objective.name, config.objective.params, build_encoder(config.model))
     bf16 = use_bf16(config, CPU)
     engine = build_engine(objective, config, world_size=1, bf16=bf16)
+    if configure:
+        configure(engine)
     generator = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(16, 3, 16, 16, generator=generator), "key": [str(i) for i in range(16)],
-             "label": torch.zeros(16, dtype=torch.int64)}
+    batch = {"image": torch.randn(batch_size, 3, 16, 16, generator=generator),
+             "key": [str(i) for i in range(batch_size)], "label": torch.zeros(batch_size, dtype=torch.int64)}
     batches = iter([batch] * steps)  # one fixed batch: the loss must fall
     randomness = RankRandomness(0, 0)
     dtype = torch.bfloat16 if bf16 else torch.float32
     losses = [optimizer_step(engine, objective, batches, StepContext(step, steps, generator=randomness.generator),
                              1, CPU, dtype).loss for step in range(steps)]
+    return losses, objective
+
+
+def _losses(precision: str, steps: int) -> tuple[list[float], torch.dtype]:
+    losses, objective = _train(steps, ["optim.lr=2e-3", "optim.warmup_steps=1", "train.zero_stage=2",
+                                       f"train.precision={precision}"])
     return losses, next(objective.encoder.parameters()).dtype
 
 
@@ -185,24 +194,17 @@ def test_a_bf16_cpu_engine_uses_explicit_attention(process_group) -> None:
 def test_a_one_worker_zero0_engine_skips_the_all_reduce_and_steps_the_same(process_group, precision) -> None:
     """World size 1, ZeRO stage auto (0): DeepSpeed's gradient all-reduce is off and the weights after three
     steps equal those of the same engine with it on."""
-    from maskray.engine.worker import optimizer_step
+    overrides = ["optim.lr=1e-2", "optim.warmup_steps=0", "optim.clip_grad=1.0", f"train.precision={precision}"]
 
-    config = load_config(None, ["objective.name=mae", "data.batch_size=4", "train.steps=3", "optim.lr=1e-2",
-                                "optim.warmup_steps=0", "optim.clip_grad=1.0", f"train.precision={precision}"])
-    bf16 = use_bf16(config, CPU)
-    batch = {"image": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), "key": list("abcd"),
-             "label": torch.zeros(4, dtype=torch.int64)}
+    def all_reduce(on: bool):
+        def configure(engine) -> None:
+            assert engine.zero_optimization_stage() == 0 and engine.enable_backward_allreduce is False
+            engine.enable_backward_allreduce = on
+        return configure
+
     weights = []
-    for all_reduce in (False, True):
-        torch.manual_seed(0)
-        objective = build_objective("mae", config.objective.params, build_encoder(config.model))
-        engine = build_engine(objective, config, world_size=1, bf16=bf16)
-        assert engine.zero_optimization_stage() == 0 and engine.enable_backward_allreduce is False
-        engine.enable_backward_allreduce = all_reduce
-        randomness = RankRandomness(0, 0)
-        for step in range(3):
-            optimizer_step(engine, objective, iter([batch]), StepContext(step, 3, generator=randomness.generator), 1,
-                           CPU, torch.bfloat16 if bf16 else torch.float32)
+    for on in (False, True):
+        _, objective = _train(3, overrides, batch_size=4, configure=all_reduce(on))
         weights.append([p.detach().float().clone() for p in objective.parameters()])
     for ours, reference in zip(*weights, strict=True):
         torch.testing.assert_close(ours, reference, rtol=0, atol=0)
