@@ -120,7 +120,7 @@ class MaskrayStep:
         self.step_index = 0
 
     def __call__(self, images: torch.Tensor) -> float:
-        from maskray.engine.worker import optimizer_step
+        from maskray.engine.step import optimizer_step
 
         batch = {"image": images, "key": [""] * images.shape[0], "label": torch.zeros(images.shape[0])}
         ctx = StepContext(self.step_index, self.config.train.steps, generator=self.randomness.generator)

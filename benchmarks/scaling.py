@@ -93,7 +93,7 @@ def train_loop(loop_config: dict) -> None:
 
     from maskray.context import RankRandomness, StepContext
     from maskray.engine.deepspeed_setup import build_engine
-    from maskray.engine.worker import optimizer_step
+    from maskray.engine.step import optimizer_step
     from maskray.models import build_encoder
     from maskray.objective import build_objective
 

@@ -46,7 +46,7 @@ def _state(engine) -> dict[str, torch.Tensor]:
 
 
 def test_a_non_finite_batch_is_dropped_before_its_backward(process_group, one_thread) -> None:
-    from maskray.engine.worker import optimizer_step
+    from maskray.engine.step import optimizer_step
 
     objective, engine = _nan_engine("objective.nan_at={0: 2}")
     before = _state(engine)
@@ -61,7 +61,7 @@ def test_a_non_finite_batch_is_dropped_before_its_backward(process_group, one_th
 
 
 def test_consecutive_non_finite_batches_stop_without_an_update(process_group, one_thread) -> None:
-    from maskray.engine.worker import NonFiniteLoss, optimizer_step
+    from maskray.engine.step import NonFiniteLoss, optimizer_step
 
     objective, engine = _nan_engine("objective.nan_at={0: 5}")
     before = _state(engine)

@@ -204,7 +204,7 @@ def _batches(seed: int = 0):
 
 
 def _step(engine, objective, batches, randomness, step):
-    from maskray.engine.worker import optimizer_step
+    from maskray.engine.step import optimizer_step
 
     ctx = StepContext(step, 10, generator=randomness.generator)
     return optimizer_step(engine, objective, batches, ctx, 1, torch.device("cpu"), torch.float32)

@@ -16,8 +16,8 @@ from maskray.context import RankRandomness, StepContext, derived_seed
 from maskray.distributed import all_gather_with_grad, all_reduce_mean
 from maskray.engine.deepspeed_setup import build_engine, build_optimizer
 from maskray.engine.optimizer import GroupClippedAdamW
+from maskray.engine.step import optimizer_step, to_device
 from maskray.engine.training_state import load_training_state, save_training_state
-from maskray.engine.worker import optimizer_step, to_device
 from maskray.errors import ConfigError
 from maskray.models import build_encoder
 from maskray.objective import Objective, ObjectiveOutput, ParamGroupSpec, build_objective

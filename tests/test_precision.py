@@ -38,7 +38,7 @@ def test_mae_decoder_in_bf16_keeps_bf16_with_its_fp32_position_table() -> None:
 def _train(steps: int, overrides: list[str], batch_size: int = 16, configure=None):
     """The worker's step (``build_engine`` at world size 1 + ``optimizer_step``) for ``steps`` steps on one fixed
     batch of the ``mae`` objective; ``configure(engine)`` runs before the first step. Returns (losses, objective)."""
-    from maskray.engine.worker import optimizer_step
+    from maskray.engine.step import optimizer_step
 
     config = load_config(None, ["objective.name=mae", f"data.batch_size={batch_size}", f"train.steps={steps}",
                                 *overrides])

@@ -179,8 +179,8 @@ def test_codebook_state_resumes_exactly_from_a_training_checkpoint(process_group
     from maskray.config import load_config
     from maskray.context import RankRandomness
     from maskray.engine.deepspeed_setup import build_engine
+    from maskray.engine.step import optimizer_step
     from maskray.engine.training_state import load_training_state, save_training_state
-    from maskray.engine.worker import optimizer_step
 
     config = load_config(None, ["model.img_size=16", "data.batch_size=8", "train.steps=10", "optim.warmup_steps=1",
                                 "train.zero_stage=2"])
