@@ -20,12 +20,20 @@ the same name must declare the same view). Metrics: ``<part>/loss`` (unweighted)
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializeAsAny,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 
 from maskray.context import StepContext
 from maskray.errors import ConfigError
@@ -35,48 +43,60 @@ from maskray.objective import (
     ObjectiveOutput,
     ObjectiveParams,
     ParamGroupSpec,
+    context_where,
     get_objective,
-    objective_teacher_specs,
     register_objective,
-    resolved_objective_params,
     validate_objective,
 )
 from maskray.passes import EncoderPass, PassOutput
-from maskray.teacher_sources import TeacherSpec
 
 
 class PartConfig(BaseModel):
-    """One part: a registered objective ``name``, its ``weight``, and that objective's own keys."""
+    """One part: a registered objective ``name``, its ``weight``, and that objective's own typed ``params``
+    (written inline in YAML, ``{name: mae, weight: 1, mask_ratio: 0.75}``, and dumped the same way)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
+    INLINE_FIELD: ClassVar[str] = "params"  # its keys sit beside name and weight (ObjectiveParams.map_sources)
 
     name: str
     weight: float = Field(1.0, ge=0.0)
+    params: SerializeAsAny[ObjectiveParams]
 
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+    @classmethod
+    def typed(cls, raw: Any, where: str) -> PartConfig:
+        """A part from its YAML mapping, its keys validated by its objective's Config (errors name ``where``)."""
+        if isinstance(raw, PartConfig):
+            return raw
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise ConfigError(f"key '{where}.name': each part is a mapping with an objective name")
+        keys = {key: value for key, value in raw.items() if key not in ("name", "weight")}
+        if raw["name"] == "composite":
+            raise ConfigError(f"key '{where}.name': a composite part cannot itself be a composite")
+        weight = raw.get("weight", 1.0)
+        if not isinstance(weight, int | float) or weight < 0:
+            raise ConfigError(f"key '{where}.weight': must be a number >= 0, got {weight!r}")
+        return cls(name=raw["name"], weight=weight, params=validate_objective(raw["name"], keys, where))
+
+    @model_serializer(mode="plain")
+    def _inline(self, info: SerializationInfo) -> dict[str, Any]:
+        own = self.params.model_dump(mode=info.mode, exclude_unset=info.exclude_unset)
+        return {"name": self.name, "weight": self.weight, **own}
 
 
 class CompositeParams(ObjectiveParams):
     parts: list[PartConfig] = Field(
-        default_factory=lambda: [PartConfig(name="mae")], min_length=1,
+        default_factory=lambda: [{"name": "mae"}], min_length=1, validate_default=True,
         description="each {name: <objective>, weight: >= 0, <that objective's keys>}",
     )
     eval_part: str | None = Field(None, description="a part whose eval_encoder() evaluation and export use")
 
-    @field_validator("parts")
+    @field_validator("parts", mode="before")
     @classmethod
-    def _no_nesting(cls, parts: list[PartConfig]) -> list[PartConfig]:
-        if any(part.name == "composite" for part in parts):
-            raise ValueError("a composite part cannot itself be a composite")
-        return parts
-
-    def resolved(self, base: Path, tracking_uri: str) -> CompositeParams:
-        parts = [PartConfig(name=part.name, weight=part.weight,
-                            **resolved_objective_params(part.name, part.params, base, tracking_uri))
-                 for part in self.parts]
-        return self.model_copy(update={"parts": parts})
+    def _typed_parts(cls, parts: Any, info: ValidationInfo) -> Any:
+        if not isinstance(parts, list):
+            return parts  # pydantic names the type error
+        where = context_where(info)
+        return [PartConfig.typed(part, f"{where}.parts[{index}]") for index, part in enumerate(parts)]
 
 
 def part_names(parts: list[PartConfig]) -> list[str]:
@@ -97,7 +117,7 @@ class Composite(Objective):
         super().__init__(encoder, params)
         names = part_names(params.parts)
         self.parts = nn.ModuleDict({
-            name: get_objective(part.name)(encoder, validate_objective(part.name, part.params))
+            name: get_objective(part.name)(encoder, part.params)
             for name, part in zip(names, params.parts, strict=True)
         })
         self.weights = {name: part.weight for name, part in zip(names, params.parts, strict=True)}
@@ -106,17 +126,14 @@ class Composite(Objective):
             object.__setattr__(part, "encoder", encoder)
 
     @classmethod
-    def teacher_specs(cls, config: CompositeParams, where: str) -> dict[str, TeacherSpec]:
-        return {key: spec for index, part in enumerate(config.parts)
-                for key, spec in objective_teacher_specs(part.name, part.params, f"{where}.parts[{index}]").items()}
-
-    @classmethod
     def check_config(cls, config: CompositeParams, where: str) -> None:
-        for index, part in enumerate(config.parts):
-            validate_objective(part.name, part.params, where=f"{where}.parts[{index}]")
         names = part_names(config.parts)
         if config.eval_part is not None and config.eval_part not in names:
             raise ConfigError(f"key '{where}.eval_part': no part named {config.eval_part!r} (parts: {names})")
+
+    def check(self, model, data, where: str) -> None:
+        for index, part in enumerate(self.parts.values()):
+            part.check(model, data, f"{where}.parts[{index}]")
 
     def inputs(self, model, data):
         views = None

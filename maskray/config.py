@@ -239,9 +239,9 @@ class Config(Section):
         return self.optim.lr if self.optim.lr is not None else self.optim.blr * self.global_batch() / 256
 
     def resolved(self, base: Path | None = None) -> Config:
-        """A copy in which local paths are absolute (workers run in other directories; the objective's teacher
-        paths too) and the tracking URI is fixed, so every process of the run sees the same data, storage and
-        MLflow store."""
+        """A copy in which the core's local paths are absolute (workers run in other directories) and the tracking
+        URI is fixed, so every process of the run sees the same data, storage and MLflow store. The objective's own
+        paths (teachers, tokenizers) are resolved with its typed params (:mod:`maskray.run_spec`)."""
         base = base or project_root()
 
         def absolute(path: str | None) -> str | None:
@@ -256,10 +256,6 @@ class Config(Section):
         update.eval.test_shards = absolute(self.eval.test_shards)
         update.tracking.storage_path = absolute(self.tracking.storage_path)
         update.tracking.uri = self.tracking.resolved_uri()
-        from maskray.objective import resolved_objective_params  # objective.py imports this module
-
-        params = resolved_objective_params(self.objective.name, self.objective.params, base, update.tracking.uri)
-        update.objective = ObjectiveConfig(name=self.objective.name, **params)
         return update
 
     def run_tags(self) -> dict[str, str]:
@@ -321,9 +317,10 @@ def describe_validation_error(error: ValidationError, where: str = "") -> str:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read ``path`` (YAML, may be None for all defaults), apply overrides, validate everything.
+    """Read ``path`` (YAML, may be None for all defaults), apply overrides, validate the core's sections.
 
-    The objective's own keys are checked against its registered Config class here, in the driver.
+    The objective's own keys are checked against its registered Config class by
+    :func:`maskray.run_spec.build_run_spec` (which knows the objective registry; this module does not).
     """
     source = str(path) if path else "<defaults>"
     tree: dict[str, Any] = {}
@@ -344,10 +341,4 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         config = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(f"{source}: {describe_validation_error(err)}") from None
-    from maskray.objective import validate_objective
-
-    try:
-        validate_objective(config.objective.name, config.objective.params)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
     return config

@@ -13,9 +13,11 @@ needs it declares, and the core provides:
   :meth:`Objective.teachers`, moved to the device, kept out of the optimizer and out of the DeepSpeed module;
   EMA teachers are updated after every optimizer step and saved with the checkpoint. A frozen teacher from a
   file or an earlier run is a :class:`~maskray.teacher_sources.TeacherSpec` field of the objective's Config
-  (built with :func:`~maskray.teacher_sources.build_teacher`): :meth:`Objective.teacher_specs` finds it, the
-  driver resolves and records it before any worker starts, :meth:`ObjectiveParams.resolved` makes its paths
-  absolute;
+  (built with :func:`~maskray.teacher_sources.build_teacher`): :meth:`ObjectiveParams.teacher_specs` finds it,
+  the driver resolves it, records it and pins its sha256 before any worker starts (:mod:`maskray.run_spec`), and
+  :meth:`ObjectiveParams.resolved` makes its paths absolute;
+- **checks** (:meth:`Objective.check_config` on the params, :meth:`Objective.check` on the built objective with the
+  run's model and data): both run in the driver, so a bad setting exits 2 before any worker starts;
 - **artifacts** (:meth:`Objective.export_artifacts`): files the run keeps in MLflow besides checkpoints;
 - **state**: :meth:`Objective.extra_state` (queues, counters; identical on every rank) is checkpointed; each
   rank's generators are seeded from (seed, rank) and checkpointed by the core (:mod:`maskray.context`);
@@ -45,14 +47,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
 
 from maskray.config import describe_validation_error
 from maskray.context import StepContext
 from maskray.errors import ConfigError
 from maskray.models import MaskedViT
 from maskray.passes import EncoderPass, PassOutput, run_passes
-from maskray.teacher_sources import TeacherSpec
+from maskray.teacher_sources import LocatedSource, TeacherSpec
 from maskray.teachers import EMATeacher, Teacher
 
 if TYPE_CHECKING:
@@ -63,16 +65,68 @@ if TYPE_CHECKING:
 
 
 class ObjectiveParams(BaseModel):
-    """Base of every objective's own config section (``objective.*`` keys besides ``name``)."""
+    """Base of every objective's own config section (``objective.*`` keys besides ``name``).
+
+    Fields may hold :class:`~maskray.teacher_sources.LocatedSource` values (frozen teachers, tokenizers: local
+    files or MLflow runs), other objectives' params (a composite's parts) or lists of them: :meth:`map_sources`
+    walks all of them with their config keys, so path resolution, the driver's teacher records and the sha256
+    pins need no per-objective code."""
 
     model_config = ConfigDict(extra="forbid")
 
+    def map_sources(self, where: str, change: Callable[[str, LocatedSource], LocatedSource]) -> ObjectiveParams:
+        """A copy in which every located source ``value`` under config key ``key`` is ``change(key, value)``."""
+        return _map_sources(self, where, change)
+
     def resolved(self, base: Path, tracking_uri: str) -> ObjectiveParams:
-        """A copy whose teacher specs have absolute paths (relative to ``base``) and a fixed MLflow store
-        (:meth:`TeacherSpec.resolved`), for workers that run elsewhere."""
-        return self.model_copy(update={
-            name: value.resolved(base, tracking_uri) for name, value in self if isinstance(value, TeacherSpec)
-        })
+        """A copy whose teachers and tokenizers have absolute paths (relative to ``base``) and a fixed MLflow store
+        (:meth:`LocatedSource.resolved`), for workers that run elsewhere."""
+        return self.map_sources("", lambda _, source: source.resolved(base, tracking_uri))
+
+    def teacher_specs(self, where: str) -> dict[str, TeacherSpec]:
+        """The frozen teachers these params name, by config key (``objective.teacher``,
+        ``objective.parts[1].teacher``)."""
+        found: dict[str, TeacherSpec] = {}
+
+        def collect(key: str, source: LocatedSource) -> LocatedSource:
+            if isinstance(source, TeacherSpec):
+                found[key] = source
+            return source
+
+        self.map_sources(where, collect)
+        return found
+
+    def with_teacher_sha256(self, sha256: Mapping[str, str], where: str) -> ObjectiveParams:
+        """A copy whose teacher specs carry the sha256 the driver resolved (by config key, as
+        :meth:`teacher_specs`): a worker that loads other weights stops
+        (:func:`~maskray.teacher_sources.build_teacher`)."""
+
+        def pin(key: str, source: LocatedSource) -> LocatedSource:
+            if isinstance(source, TeacherSpec):
+                return source.model_copy(update={"sha256": sha256[key]})
+            return source
+
+        return self.map_sources(where, pin)
+
+
+def _map_sources(value: Any, where: str, change: Callable[[str, LocatedSource], LocatedSource]) -> Any:
+    """``value`` with each located source inside it replaced by ``change(config key, source)``. A model whose
+    class names an ``INLINE_FIELD`` (a composite part's ``params``) lends that field its own key."""
+    if isinstance(value, LocatedSource):
+        return change(where, value)
+    if isinstance(value, list):
+        items = [_map_sources(item, f"{where}[{index}]", change) for index, item in enumerate(value)]
+        return items if any(new is not old for new, old in zip(items, value, strict=True)) else value
+    if isinstance(value, BaseModel):
+        inline = getattr(type(value), "INLINE_FIELD", None)
+        update = {}
+        for name, field_value in value:
+            key = where if name == inline else f"{where}.{name}".lstrip(".")
+            new = _map_sources(field_value, key, change)
+            if new is not field_value:
+                update[name] = new
+        return value.model_copy(update=update) if update else value
+    return value
 
 
 class ObjectiveOutput(NamedTuple):
@@ -116,16 +170,20 @@ class Objective(nn.Module, ABC):
 
     @classmethod
     def check_config(cls, config: ObjectiveParams, where: str) -> None:
-        """Checks beyond :attr:`Config` (a composite validates its parts here); raise ConfigError naming the key
-        under ``where``. Default: every teacher spec's :meth:`~maskray.teacher_sources.TeacherSpec.check`."""
-        for key, spec in cls.teacher_specs(config, where).items():
-            spec.check(key)
+        """Checks of the params alone beyond :attr:`Config`; raise ConfigError naming the key under ``where``.
+        Default: every located source's ``check`` (a teacher's keys that do not fit its source, a tokenizer's)."""
 
-    @classmethod
-    def teacher_specs(cls, config: ObjectiveParams, where: str) -> dict[str, TeacherSpec]:
-        """The frozen teachers this config names, by config key (``objective.teacher``). Default: every
-        :class:`~maskray.teacher_sources.TeacherSpec` field."""
-        return {f"{where}.{name}": value for name, value in config if isinstance(value, TeacherSpec)}
+        def check(key: str, source: LocatedSource) -> LocatedSource:
+            source.check(key)
+            return source
+
+        config.map_sources(where, check)
+
+    def check(self, model: ModelConfig, data: DataConfig, where: str) -> None:
+        """Checks that need the built objective with the run's model and data (a mask that must tile the patch
+        grid, a teacher whose grid must match the encoder's); raise ConfigError naming the key under ``where``.
+        The driver calls it once on the objective it builds for the run specification
+        (:func:`maskray.run_spec.build_run_spec`), before any worker starts. Default: none."""
 
     # -- inputs and the step ---------------------------------------------------------------------------------------
     def inputs(self, model: ModelConfig, data: DataConfig) -> Views:
@@ -294,31 +352,31 @@ def load_all_objectives() -> dict[str, type[Objective]]:
 
 
 def validate_objective(name: str, params: dict[str, Any], where: str = "objective") -> ObjectiveParams:
-    """The validated config of objective ``name``; ConfigError naming ``<where>.name`` or ``<where>.<key>``."""
+    """The typed config of objective ``name`` (composite parts typed too); ConfigError naming ``<where>.name`` or
+    ``<where>.<key>``. Validators of nested objectives read ``where`` from the validation context."""
     try:
         cls = get_objective(name)
     except KeyError as err:
         raise ConfigError(f"key '{where}.name': {err.args[0]}") from None
     try:
-        config = cls.Config.model_validate(params)
+        config = cls.Config.model_validate(params, context={"where": where})
     except ValidationError as err:
         raise ConfigError(describe_validation_error(err, where)) from None
     cls.check_config(config, where)
     return config
 
 
-def resolved_objective_params(name: str, params: dict[str, Any], base: Path, tracking_uri: str) -> dict[str, Any]:
-    """The raw ``objective`` keys of ``name`` with its teachers' paths absolute and MLflow store fixed
-    (:meth:`ObjectiveParams.resolved`); the keys that were not given stay absent."""
-    return validate_objective(name, params).resolved(base, tracking_uri).model_dump(mode="json", exclude_unset=True)
+def context_where(info: ValidationInfo, default: str = "objective") -> str:
+    """The config key a nested objective's params are validated under (:func:`validate_objective`'s ``where``)."""
+    return (info.context or {}).get("where", default)
 
 
-def objective_teacher_specs(name: str, params: dict[str, Any], where: str = "objective") -> dict[str, TeacherSpec]:
-    """Every frozen teacher spec of objective ``name`` (composite parts included), by config key."""
-    return get_objective(name).teacher_specs(validate_objective(name, params, where), where)
-
-
-def build_objective(name: str, params: dict[str, Any], encoder: MaskedViT) -> Objective:
-    """Instantiate objective ``name`` around ``encoder`` with validated ``params``."""
-    return get_objective(name)(encoder, validate_objective(name, params))
-
+def build_objective(name: str, params: ObjectiveParams | Mapping[str, Any], encoder: MaskedViT) -> Objective:
+    """Instantiate objective ``name`` around ``encoder`` with its typed ``params`` (a worker's, from the run
+    specification), or with raw keys that are validated first (:func:`validate_objective`: tests, tools)."""
+    cls = get_objective(name)
+    if not isinstance(params, ObjectiveParams):
+        params = validate_objective(name, dict(params))
+    if not isinstance(params, cls.Config):
+        raise TypeError(f"objective {name!r} takes {cls.Config.__name__}, got {type(params).__name__}")
+    return cls(encoder, params)

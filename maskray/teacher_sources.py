@@ -50,7 +50,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -76,30 +76,38 @@ Source = Literal["maskray", "timm", "open_clip", "random"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-LocatedModel = TypeVar("LocatedModel", bound=BaseModel)
-
-
-def resolved_location(spec: LocatedModel, base: Path, tracking_uri: str) -> LocatedModel:
-    """A copy of ``spec`` (a model with ``path``, ``run_id`` and ``tracking_uri`` fields: a teacher, a tokenizer)
-    with ``path`` absolute (relative to ``base``) and a run id's ``tracking_uri`` fixed (default ``tracking_uri``,
-    the training run's store), for workers that run elsewhere."""
-    update: dict[str, Any] = {}
-    if spec.path is not None:
-        update["path"] = str((base / Path(spec.path).expanduser()).resolve())
-    if spec.run_id is not None and spec.tracking_uri is None:
-        update["tracking_uri"] = tracking_uri
-    return spec.model_copy(update=update)
-
-
-class TeacherSpec(BaseModel):
-    """Where a frozen teacher comes from (see the module docstring for each ``source``'s keys)."""
+class LocatedSource(BaseModel):
+    """A file or MLflow run an objective loads (a frozen teacher, a tokenizer): ``path``, ``run_id`` and its
+    ``tracking_uri``. The objective's params find these wherever they sit
+    (:meth:`maskray.objective.ObjectiveParams.map_sources`)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(None, description="a local file or directory")
+    run_id: str | None = Field(None, description="an MLflow run")
+    tracking_uri: str | None = Field(None, description="run_id: its MLflow store; null: the training run's")
+
+    def check(self, where: str) -> None:
+        """ConfigError naming ``<where>.<key>`` for keys that do not fit together (files are checked when the
+        source is loaded: a config may name files that only the training machines hold)."""
+
+    def resolved(self, base: Path, tracking_uri: str) -> LocatedSource:
+        """A copy with ``path`` absolute (relative to ``base``) and a run id's ``tracking_uri`` fixed (default
+        ``tracking_uri``, the training run's store), for workers that run elsewhere."""
+        update: dict[str, Any] = {}
+        if self.path is not None:
+            update["path"] = str((base / Path(self.path).expanduser()).resolve())
+        if self.run_id is not None and self.tracking_uri is None:
+            update["tracking_uri"] = tracking_uri
+        return self.model_copy(update=update)
+
+
+class TeacherSpec(LocatedSource):
+    """Where a frozen teacher comes from (see the module docstring for each ``source``'s keys)."""
 
     source: Source = Field(description="maskray | timm | open_clip | random")
     path: str | None = Field(None, description="weights file (timm, open_clip); export or checkpoint dir (maskray)")
     run_id: str | None = Field(None, description="maskray: the MLflow run whose final encoder is the teacher")
-    tracking_uri: str | None = Field(None, description="maskray run_id: its MLflow store; null: the run's own")
     arch: str | None = Field(None, description="timm arch (timm, random) or OpenCLIP model name / config .json")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="create_model overrides (timm, open_clip)")
     seed: int = Field(0, description="random: the initialisation seed")
@@ -107,10 +115,10 @@ class TeacherSpec(BaseModel):
     mean: tuple[float, ...] | None = Field(None, description="input normalisation; null: the source's own")
     std: tuple[float, ...] | None = Field(None, description="input normalisation; null: the source's own")
     dtype: Literal["fp32", "bf16"] = "fp32"
+    sha256: str | None = Field(None, description="the weights' sha256: set by the driver when it resolves the "
+                               "teacher, checked by every worker that builds it; null: not checked")
 
     def check(self, where: str) -> None:
-        """ConfigError naming ``<where>.<key>`` for keys that do not fit ``source`` (files are checked when the
-        teacher is built: a config may name weights that only the training machines hold)."""
         needs = {"maskray": (), "timm": ("arch", "path"), "open_clip": ("arch", "path"), "random": ("arch",)}
         unused = {"maskray": ("arch", "model_kwargs"), "timm": ("run_id",), "open_clip": ("run_id",),
                   "random": ("path", "run_id")}
@@ -131,10 +139,6 @@ class TeacherSpec(BaseModel):
         if self.path is None:
             raise ValueError("this teacher has no path")
         return project_root() / Path(self.path).expanduser()
-
-    def resolved(self, base: Path, tracking_uri: str) -> TeacherSpec:
-        """A copy that workers elsewhere resolve to the same teacher (:func:`resolved_location`)."""
-        return resolved_location(self, base, tracking_uri)
 
 
 def renormalize(
@@ -240,18 +244,20 @@ def build_teacher(spec: TeacherSpec, img_size: int | None = None, where: str = "
     else:
         module, stats = _random(spec, size, where)
         source, sha256 = f"random {spec.arch} seed {spec.seed}", state_sha256(module)
+    if spec.sha256 is not None and sha256 != spec.sha256:
+        raise ConfigError(f"key '{where}.sha256': the teacher's weights ({source}) hash to {sha256[:12]}..., not "
+                          f"the {spec.sha256[:12]}... the driver resolved: they changed since the run started, or "
+                          f"this machine holds other ones")
     mean, std = (spec.mean, spec.std) if spec.mean is not None else stats
     return FrozenTeacher(module, DTYPES[spec.dtype], source=source, sha256=sha256, mean=tuple(mean),
-                         std=tuple(std))
+                         std=tuple(std), spec=spec)
 
 
-def teacher_run_record(
-    spec: TeacherSpec, where: str, img_size: int | None = None
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Resolve ``spec`` (errors as :func:`build_teacher`) and return the training run's ``(params, tags)``:
-    ``<where>.sha256`` and ``<where>.resolved`` (the teacher's ``source``), and the tag ``teacher`` (for
-    ``objective.teacher``; ``parts[0].teacher`` inside a composite): the source, or ``random-init (test only)``."""
-    teacher = build_teacher(spec, img_size, where)
+def teacher_run_record(teacher: FrozenTeacher, where: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The training run's ``(params, tags)`` for a teacher built from config key ``where``: ``<where>.sha256`` and
+    ``<where>.resolved`` (the teacher's ``source``), and the tag ``teacher`` (for ``objective.teacher``;
+    ``parts[0].teacher`` inside a composite): the source, or ``random-init (test only)``."""
+    spec = teacher.spec
     tag = where.removeprefix("objective.")
     return ({f"{where}.sha256": teacher.sha256, f"{where}.resolved": teacher.source},
             {tag: RANDOM_TAG if spec.source == "random" else teacher.source})

@@ -144,7 +144,8 @@ class EMATeacher(Teacher):
 
 class FrozenTeacher(Teacher):
     """A fixed network. ``source`` says where it came from (a path or run id), ``sha256`` its weights' hash,
-    ``mean`` / ``std`` the per-channel normalisation of its inputs (None: not known)."""
+    ``mean`` / ``std`` the per-channel normalisation of its inputs (None: not known), ``spec`` the config
+    (:class:`~maskray.teacher_sources.TeacherSpec`) it was built from, if any."""
 
     def __init__(
         self,
@@ -154,10 +155,12 @@ class FrozenTeacher(Teacher):
         sha256: str = "",
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        spec: Any = None,
     ) -> None:
         super().__init__(module, dtype)
         self.source, self.sha256 = source, sha256
         self.mean, self.std = mean, std
+        self.spec = spec
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> FrozenTeacher:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from timm.layers import trunc_normal_
 from timm.models.beit import Beit
 
 from maskray.context import StepContext
+from maskray.errors import ConfigError
 from maskray.models import MaskedViT
 from maskray.objective import Objective, ObjectiveOutput, ObjectiveParams, register_objective
 from maskray.passes import EncoderPass, MaskSpec, PassOutput
@@ -83,32 +83,14 @@ class BEiTv2Params(ObjectiveParams):
     early_layers: int = Field(3, gt=0, description="the head reads this block's patch tokens (from 1; paper: 9)")
     head_layers: int = Field(2, gt=0, description="blocks of the patch-aggregation head")
 
-    def resolved(self, base: Path, tracking_uri: str) -> BEiTv2Params:
-        """The tokenizer's path absolute and its run's store fixed, for the workers."""
-        return self.model_copy(update={"tokenizer": self.tokenizer.resolved(base, tracking_uri)})
-
 
 @register_objective("beitv2")
 class BEiTv2(Objective):
     Config = BEiTv2Params
 
-    @classmethod
-    def check_config(cls, config: BEiTv2Params, where: str) -> None:
-        super().check_config(config, where)
-        config.tokenizer.check(f"{where}.tokenizer")
-
     def __init__(self, encoder: MaskedViT, params: BEiTv2Params) -> None:
         super().__init__(encoder, params)
-        if params.early_layers > encoder.depth:
-            raise ValueError(f"objective.early_layers {params.early_layers} exceeds the encoder's {encoder.depth} "
-                             "blocks")
-        if params.num_masked > encoder.num_patches:
-            raise ValueError(f"objective.num_masked {params.num_masked} exceeds the {encoder.num_patches} patches")
         tokenizer, source, sha256 = load_tokenizer(params.tokenizer)
-        size, own = tokenizer.encoder.init_kwargs["img_size"], encoder.init_kwargs["img_size"]
-        if (size, tokenizer.encoder.grid_size) != (own, encoder.grid_size):
-            raise ValueError(f"objective.tokenizer codes {size}-pixel images on a {tokenizer.encoder.grid_size} grid, "
-                             f"the encoder sees {own}-pixel images on a {encoder.grid_size} grid")
         self.tokenizer = FrozenTeacher(tokenizer, source=source, sha256=sha256)
         encoder.add_mask_token()
         self.lm_head = nn.Linear(encoder.embed_dim, tokenizer.num_codes)
@@ -121,6 +103,20 @@ class BEiTv2(Objective):
             block = copy.deepcopy(blocks[min(depth, len(blocks) - 1)])
             reinit_block(block, depth + 1, encoder.init_kwargs["layer_scale"])
             self.head.append(block)
+
+    def check(self, model, data, where: str) -> None:
+        encoder, tokenizer = self.encoder, self.tokenizer.module
+        if self.params.early_layers > encoder.depth:
+            raise ConfigError(f"key '{where}.early_layers': {self.params.early_layers} exceeds the encoder's "
+                              f"{encoder.depth} blocks")
+        if self.params.num_masked > encoder.num_patches:
+            raise ConfigError(f"key '{where}.num_masked': {self.params.num_masked} exceeds the encoder's "
+                              f"{encoder.num_patches} patches")
+        size, own = tokenizer.encoder.init_kwargs["img_size"], encoder.init_kwargs["img_size"]
+        if (size, tokenizer.encoder.grid_size) != (own, encoder.grid_size):
+            raise ConfigError(f"key '{where}.tokenizer': it codes {size}-pixel images on a "
+                              f"{tokenizer.encoder.grid_size} grid, the encoder sees {own}-pixel images on a "
+                              f"{encoder.grid_size} grid")
 
     def inputs(self, model, data):
         from maskray.data.transforms import ImageTransform

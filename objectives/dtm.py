@@ -176,19 +176,21 @@ class DTM(Objective):
         super().__init__(encoder, params)
         img_size = encoder.init_kwargs["img_size"]
         self.teacher = build_teacher(params.teacher, img_size=img_size)
-        grid = tuple(self.teacher.module.grid_size)
-        if grid != tuple(encoder.grid_size):
-            raise ConfigError(f"key 'objective.teacher.img_size': the teacher's {grid[0]}x{grid[1]} patch grid at "
-                              f"{params.teacher.img_size or img_size} px differs from the student's "
-                              f"{encoder.grid_size[0]}x{encoder.grid_size[1]}")
-        if len(self.teacher.mean) != encoder.in_chans:
-            raise ConfigError(f"key 'objective.teacher.mean': the teacher takes {len(self.teacher.mean)} channels, "
-                              f"the student {encoder.in_chans}")
         encoder.add_mask_token()
         self.head = nn.Linear(encoder.embed_dim, self.teacher.module.embed_dim)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.student_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def check(self, model, data, where: str) -> None:
+        grid, student = tuple(self.teacher.module.grid_size), tuple(self.encoder.grid_size)
+        if grid != student:
+            raise ConfigError(f"key '{where}.teacher.img_size': the teacher's {grid[0]}x{grid[1]} patch grid at "
+                              f"{self.params.teacher.img_size or model.img_size} px differs from the student's "
+                              f"{student[0]}x{student[1]}")
+        if len(self.teacher.mean) != self.encoder.in_chans:
+            raise ConfigError(f"key '{where}.teacher.mean': the teacher takes {len(self.teacher.mean)} channels, "
+                              f"the student {self.encoder.in_chans}")
 
     @property
     def num_masked(self) -> int:

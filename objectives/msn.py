@@ -213,13 +213,15 @@ class MSN(Objective):
         momentum = partial(_momentum, start=params.momentum, end=params.momentum_end, span=params.momentum_span)
         self.target = EMATeacher(ProjectedEncoder(encoder, self.projector), momentum, batch_stats=True)
 
+    def check(self, model, data, where: str) -> None:
+        if self.params.focal_views and self.params.focal_size % model.patch_size:
+            raise ConfigError(f"key '{where}.focal_size': {self.params.focal_size} is not a multiple of "
+                              f"model.patch_size {model.patch_size}")
+
     # -- views and passes ------------------------------------------------------------------------------------------
     def inputs(self, model, data) -> Views:
         """``views``: [target, random anchors..., focal anchors...], (C, S, S) each, S the model's or focal size."""
         p = self.params
-        if p.focal_views and p.focal_size % model.patch_size:
-            raise ConfigError(f"key 'objective.focal_size': {p.focal_size} is not a multiple of model.patch_size "
-                              f"{model.patch_size}")
         photometric = Photometric(jitter=p.jitter_prob, jitter_strength=p.color_jitter, grayscale=p.grayscale_prob,
                                   blur=p.blur_prob, blur_sigma=p.blur_sigma)
         common = dict(train=True, hflip=data.hflip, mean=data.mean, std=data.std, in_chans=model.in_chans,

@@ -100,11 +100,14 @@ class SimMIM(Objective):
         encoder.add_mask_token()
         self.head = PixelHead(encoder.embed_dim, encoder.patch_size, encoder.in_chans, encoder.grid_size)
 
+    def check(self, model, data, where: str) -> None:
+        grid = self.encoder.grid_size
+        if grid[0] % self.params.mask_block or grid[1] % self.params.mask_block:
+            raise ConfigError(f"key '{where}.mask_block': {self.params.mask_block} does not tile the "
+                              f"{grid[0]}x{grid[1]} patch grid (model.img_size / model.patch_size)")
+
     def inputs(self, model, data) -> Views:
         grid = (model.img_size // model.patch_size,) * 2
-        if grid[0] % self.params.mask_block:
-            raise ConfigError(f"key 'objective.mask_block': {self.params.mask_block} does not tile the "
-                              f"{grid[0]}x{grid[1]} patch grid (model.img_size / model.patch_size)")
         crop = ImageTransform(model.img_size, train=True, crop_scale=self.params.crop_scale or data.crop_scale,
                               hflip=data.hflip, mean=data.mean, std=data.std, in_chans=model.in_chans)
         return Views(**{self.IMAGE: crop, self.MASK: RandomMask(grid, self.params.mask_ratio, self.params.mask_block)})

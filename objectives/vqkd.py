@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block
 
@@ -56,7 +56,7 @@ from maskray.models import MaskedViT, sincos_2d
 from maskray.models.pretrained import file_sha256
 from maskray.objective import Objective, ObjectiveOutput, ObjectiveParams, register_objective
 from maskray.passes import EncoderPass, PassOutput
-from maskray.teacher_sources import TeacherSpec, build_teacher, renormalize, resolved_location
+from maskray.teacher_sources import LocatedSource, TeacherSpec, build_teacher, renormalize
 from maskray.teachers import FrozenTeacher
 
 ARTIFACT = "tokenizer"
@@ -257,26 +257,19 @@ def save_tokenizer(directory: str | Path, tokenizer: VQKDTokenizer) -> Path:
     return directory
 
 
-class TokenizerSource(BaseModel):
+class TokenizerSource(LocatedSource):
     """Where a saved tokenizer is: ``path`` (a directory written by :func:`save_tokenizer`; relative paths under
     the project root) or ``run_id`` (a ``vqkd`` run's artifact ``tokenizer`` in ``tracking_uri``, default: the
     training run's own store)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     path: str | None = Field(None, description="a tokenizer directory")
     run_id: str | None = Field(None, description="the MLflow run of a vqkd objective")
-    tracking_uri: str | None = Field(None, description="run_id: its MLflow store; null: the training run's")
 
     def check(self, where: str) -> None:
         """ConfigError naming ``<where>.path`` unless exactly one of path and run_id is given."""
         if (self.path is None) == (self.run_id is None):
             raise ConfigError(f"key '{where}.run_id': give one of run_id (a vqkd run) and path (a tokenizer "
                               "directory)")
-
-    def resolved(self, base: Path, tracking_uri: str) -> TokenizerSource:
-        """A copy with ``path`` absolute and a run id's store fixed, for the workers (as a teacher's)."""
-        return resolved_location(self, base, tracking_uri)
 
     def directory(self, download_to: str | Path) -> Path:
         """The local tokenizer directory (a run's artifact is downloaded under ``download_to``)."""

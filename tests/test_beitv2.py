@@ -12,6 +12,7 @@ from helpers import demo_digits, png_bytes, tiny_tokenizer
 
 from maskray.config import load_config
 from maskray.context import StepContext
+from maskray.errors import ConfigError
 from maskray.data.sample import DecodedSample
 from maskray.masking.block import block_mask
 from maskray.models import build_encoder
@@ -65,8 +66,9 @@ def test_views_share_one_crop_and_mask_exactly(tokenizer) -> None:
 
 
 def test_tokenizer_grid_must_match_the_encoder(tokenizer) -> None:
-    with pytest.raises(ValueError, match="grid"):
-        beitv2(tokenizer, "model.img_size=32")
+    objective, config = beitv2(tokenizer, "model.img_size=32")
+    with pytest.raises(ConfigError, match="key 'objective.tokenizer': .*grid"):
+        objective.check(config.model, config.data, "objective")
 
 
 def test_short_training_lowers_the_loss(tokenizer, one_thread) -> None:

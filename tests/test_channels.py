@@ -145,14 +145,14 @@ def test_driver_rejects_a_mean_of_the_wrong_length(demo_shards, tmp_path) -> Non
 
 
 def test_driver_rejects_data_with_another_channel_count(demo_shards) -> None:
-    from maskray.engine.driver import validate_inputs
+    from maskray.run_spec import check_data
 
     config = load_config(REPO / "configs/demo/mae.yaml", [
         f"data.shards={demo_shards / 'train'}", "model.in_chans=4", "data.mean=[0.5,0.5,0.5,0.5]",
         "data.std=[0.5,0.5,0.5,0.5]"])
     with pytest.raises(DataError, match=r"data.shards: sample 'digits_\d+' of '.*shard-000000.tar' has 1 channels "
                                         r"but model.in_chans is 4"):
-        validate_inputs(config.resolved())
+        check_data(config.resolved())
 
 
 def _train_and_export(config, tmp_path, run_name: str, in_chans: int):

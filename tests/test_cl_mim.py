@@ -54,8 +54,8 @@ def test_the_driver_records_the_demo_hybrid() -> None:
     from pathlib import Path
 
     from maskray.config import load_config
-    from maskray.engine.driver import run_record
+    from maskray.run_spec import build_run_spec
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo" / "cl_mim_hybrid.yaml")
-    params, _ = run_record(config)
+    params = build_run_spec(config, check_data_too=False).params
     assert params["objective.name"] == "cl_mim" and "objective.cl_weight" in params

@@ -11,10 +11,10 @@ import torch
 
 from maskray.config import load_config
 from maskray.context import StepContext
-from maskray.engine.driver import run_record
 from maskray.errors import ConfigError
 from maskray.models import build_encoder
-from maskray.objective import build_objective, objective_teacher_specs
+from maskray.objective import build_objective, validate_objective
+from maskray.run_spec import build_run_spec
 from maskray.teacher_sources import RANDOM_TAG, renormalize
 from objectives.dtm import (
     draw_schedule,
@@ -159,19 +159,25 @@ def test_dtm_objective_step_masks_morphs_and_learns() -> None:
 
 def test_dtm_config_errors_name_the_key(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"key 'objective.teacher'"):
-        load_config(REPO / "configs" / "demo" / "dtm.yaml", ["objective.teacher=null"])
+        _spec(load_config(REPO / "configs" / "demo" / "dtm.yaml", ["objective.teacher=null"]))
     missing = load_config(REPO / "configs" / "demo" / "dtm.yaml", [f"objective.teacher.path={tmp_path / 'none'}"])
     with pytest.raises(ConfigError, match=r"key 'objective.teacher.path': no such file"):  # the driver, first
-        run_record(missing.resolved())
+        _spec(missing)
     with pytest.raises(ConfigError, match=r"unknown key 'objective.teacher.colour'"):
-        _dtm_config("objective.teacher.colour=1")
-    config = _dtm_config("objective.teacher.img_size=16")  # a 4x4 teacher grid for an 8x8 student
-    with pytest.raises(ConfigError, match=r"key 'objective.teacher.img_size'"):
-        build_objective("dtm", config.objective.params, build_encoder(config.model))
+        _spec(_dtm_config("objective.teacher.colour=1"))
+    with pytest.raises(ConfigError, match=r"key 'objective.teacher.img_size'"):  # a 4x4 teacher grid, 8x8 student
+        _spec(_dtm_config("objective.teacher.img_size=16"))
+
+
+def _spec(config):
+    """The run specification of ``config`` (its data is the test's own concern)."""
+    return build_run_spec(config, check_data_too=False)
 
 
 def test_run_records_the_teacher_and_resolves_its_path(tmp_path, monkeypatch) -> None:
-    params, tags = run_record(_dtm_config().resolved())
+    spec = _spec(_dtm_config())
+    params, tags = spec.params, spec.tags
+    assert spec.objective.teacher.sha256 == params["objective.teacher.sha256"]  # pinned for the workers
     assert params["objective.teacher.source"] == "random" and len(params["objective.teacher.sha256"]) == 64
     assert params["objective.teacher.resolved"] == "random vit_tiny_patch16_224 seed 0"
     assert tags["teacher"] == RANDOM_TAG and tags["objective"] == "dtm"
@@ -181,14 +187,16 @@ def test_run_records_the_teacher_and_resolves_its_path(tmp_path, monkeypatch) ->
     monkeypatch.setenv("MASKRAY_ROOT", str(tmp_path))
     overrides = ["objective.teacher={source: timm, arch: vit_tiny_patch16_224, path: teachers/t.safetensors}"]
     config = load_config(REPO / "configs" / "demo" / "dtm.yaml", overrides).resolved()
-    assert config.objective.params["teacher"]["path"] == str(tmp_path / "teachers" / "t.safetensors")
-    assert config.objective.params["mask_ratio"] == 0.3827 and "protect_first" not in config.objective.params
+    resolved = validate_objective("dtm", config.objective.params).resolved(tmp_path, config.tracking.uri)
+    assert resolved.teacher.path == str(tmp_path / "teachers" / "t.safetensors")
+    assert resolved.mask_ratio == 0.3827 and "protect_first" not in resolved.model_fields_set
     composite = load_config(None, ["objective.name=composite", "objective.parts=[{name: dtm, "
                                    "teacher: {source: timm, arch: vit_tiny_patch16_224, path: teachers/t.safetensors}}]"
                                    ]).resolved()
-    specs = objective_teacher_specs(composite.objective.name, composite.objective.params)
+    typed = validate_objective("composite", composite.objective.params).resolved(tmp_path, composite.tracking.uri)
+    specs = typed.teacher_specs("objective")
     assert list(specs) == ["objective.parts[0].teacher"]
     assert specs["objective.parts[0].teacher"].path == str(tmp_path / "teachers" / "t.safetensors")
     with pytest.raises(ConfigError, match=r"key 'objective.parts\[0\].teacher.path'"):  # an empty file
-        run_record(composite)
+        _spec(composite)
 

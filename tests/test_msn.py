@@ -227,7 +227,7 @@ def test_objective_step_views_passes_and_gradients() -> None:
 def test_bad_config_names_the_key() -> None:
     config, objective = _msn("objective.focal_size=14")
     with pytest.raises(ConfigError, match="objective.focal_size"):
-        objective.inputs(config.model, config.data)
+        objective.check(config.model, config.data, "objective")
     for key, value in (("color_jitter", "[0.4,0.4,0.4,0.6]"), ("focal_crop_scale", "[0.5,0.2]"),
                        ("blur_sigma", "[0,1]"), ("random_views", "0")):
         with pytest.raises(ConfigError, match=f"objective.{key}"):

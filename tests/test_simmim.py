@@ -76,7 +76,7 @@ def test_mask_view_has_the_exact_count_in_2x2_blocks() -> None:
 def test_mask_block_must_tile_the_grid() -> None:
     config, objective = simmim("objective.mask_block=3")
     with pytest.raises(ConfigError, match="objective.mask_block"):
-        objective.inputs(config.model, config.data)
+        objective.check(config.model, config.data, "objective")
 
 
 def test_mask_token_replaces_exactly_the_masked_positions() -> None:

@@ -68,7 +68,7 @@ def test_random_teacher_is_frozen_seeded_and_tagged_test_only() -> None:
     assert build_teacher(spec, img_size=16).sha256 == teacher.sha256
     assert build_teacher(spec.model_copy(update={"seed": 1}), img_size=16).sha256 != teacher.sha256
     assert (teacher.mean, teacher.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    params, tags = teacher_run_record(spec, KEY, 16)
+    params, tags = teacher_run_record(teacher, KEY)
     assert params == {f"{KEY}.sha256": teacher.sha256, f"{KEY}.resolved": f"random {ARCH} seed 0"}
     assert tags == {"teacher": RANDOM_TAG} and RANDOM_TAG == "random-init (test only)"
 
@@ -148,7 +148,7 @@ def test_maskray_teacher_from_a_run_id_survives_checkpoint_rotation(tmp_path) ->
     teacher = build_teacher(spec, img_size=16)
     torch.testing.assert_close(teacher(_images()), expected)
     assert (teacher.mean, teacher.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
-    params, tags = teacher_run_record(spec, KEY, 16)
+    params, tags = teacher_run_record(teacher, KEY)
     assert params[f"{KEY}.sha256"] == teacher.sha256 and run_id in params[f"{KEY}.resolved"]
     assert RUN_ARTIFACT in tags["teacher"]
     message = _error(lambda: build_teacher(spec.model_copy(update={"run_id": "0" * 32})), "run_id")

@@ -16,18 +16,11 @@ from typing import Any
 from maskray import storage
 from maskray.checkpoint import checkpoint_step, latest_checkpoint, read_checkpoint_config, refuse_writable_by_others
 from maskray.config import Config, project_root, zero_stage
-from maskray.data import resolve_shards
 from maskray.data.health import clear_stop_note, raise_if_stopped, stop_note_location
-from maskray.data.reader import first_sample
-from maskray.data.sample import image_array
-from maskray.data.transforms import channel_stats
-from maskray.errors import ConfigError, DataError, Interrupted, TrainingStopped
-from maskray.eval.protocol import eval_shard_sets
-from maskray.models import build_encoder, load_pretrained
-from maskray.objective import objective_teacher_specs
+from maskray.errors import ConfigError, Interrupted, MaskrayError, TrainingStopped
 from maskray.ray_env import ensure_ray
+from maskray.run_spec import build_run_spec
 from maskray.storage import make_dirs, resolve
-from maskray.teacher_sources import teacher_run_record
 from maskray.tracking import find_or_create_run, finish_run, run_metrics, run_url_hint, usable_tracking_uri
 from maskray.tracking.redact import redact_uri_credentials
 
@@ -47,46 +40,9 @@ def default_run_name(config: Config) -> str:
     return f"{config.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def validate_inputs(config: Config) -> None:
-    """Check data and normalisation before any worker starts: one line naming the key (DataError with the path;
-    ConfigError when ``data.mean`` / ``data.std`` do not give one value per ``model.in_chans`` channel)."""
-    try:
-        channel_stats(config.data.mean, config.data.std, config.model.in_chans)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    shards = resolve_shards(config.data.shards, key="data.shards")
-    channels = config.model.in_chans
-    if channels not in (1, 3):  # 1 and 3 convert any image through PIL; other counts must match the data
-        sample = first_sample(shards)
-        found = image_array(sample.image_or_bands()).shape[-1] if sample is not None else None
-        if found != channels:
-            where = f"sample '{sample.key}' of '{sample.url}'" if sample is not None else f"'{shards.urls[0]}'"
-            raise DataError(f"data.shards: {where} has {found} channels but model.in_chans is {channels}")
-    eval_shard_sets(config.eval)
-
-
 def run_params(config: Config) -> dict[str, Any]:
-    """The run's MLflow params (:func:`run_record`)."""
-    return run_record(config)[0]
-
-
-def run_record(config: Config) -> tuple[dict[str, Any], dict[str, str]]:
-    """The run's MLflow params and tags. Params: the flattened config, plus ``deepspeed.zero_stage`` (the stage
-    ``train.zero_stage`` resolves to at ``scaling.workers``), plus ``model.init_from_sha256`` (the
-    file's sha256) when ``model.init_from`` is set, plus ``<key>.sha256`` / ``<key>.resolved`` for every frozen
-    teacher of the objective (``objective.teacher``). Tags: :meth:`Config.run_tags` plus each teacher's
-    (``teacher``: its source, or ``random-init (test only)``). The init file and every teacher are loaded here
-    first, so one that is missing, unreadable, of another architecture, or an unknown run id or a run without
-    its encoder artifact stops the driver (ConfigError) before any worker starts."""
-    params, tags = config.flat(), config.run_tags()
-    params["deepspeed.zero_stage"] = zero_stage(config.train, config.scaling.workers)
-    if config.model.init_from:
-        params["model.init_from_sha256"] = load_pretrained(build_encoder(config.model), config.model.init_from).sha256
-    for key, spec in objective_teacher_specs(config.objective.name, config.objective.params).items():
-        teacher_params, teacher_tags = teacher_run_record(spec, key, config.model.img_size)
-        params.update(teacher_params)
-        tags.update(teacher_tags)
-    return params, tags
+    """The MLflow params a run of ``config`` records (:attr:`RunSpec.params`; builds the run specification)."""
+    return build_run_spec(config).params
 
 
 def storage_location(location: str):
@@ -157,15 +113,14 @@ def run_pretraining(
     from maskray.engine.stopping import DriverStop
     from maskray.engine.worker import train_loop_per_worker
 
-    config = config.resolved()
-    params, run_tags = run_record(config)
-    validate_inputs(config)
+    spec = build_run_spec(config)
+    config = spec.config
     run_name = run_name or default_run_name(config)
     tracking_uri = usable_tracking_uri(config.tracking.resolved_uri(), project_root() / FALLBACK_STORE)
     storage_filesystem, storage_path = storage_location(config.tracking.storage_path)
     check_resume_layout(config, run_name)
     run_id, resumed = find_or_create_run(
-        tracking_uri, config.tracking.experiment, run_name, params, {**run_tags, **(tags or {})}
+        tracking_uri, config.tracking.experiment, run_name, spec.params, {**spec.tags, **(tags or {})}
     )
 
     # a resume unpickles the run's checkpoints: refuse them before any worker starts if others can write them
@@ -177,7 +132,7 @@ def run_pretraining(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": config.model_dump(mode="json"),
+            "spec": spec,
             "mlflow_run_id": run_id,
             "tracking_uri": tracking_uri,
             "max_steps": max_steps,
@@ -192,7 +147,7 @@ def run_pretraining(
             checkpoint_config=CheckpointConfig(num_to_keep=config.scaling.checkpoints_to_keep),
         ),
     )
-    stopped = "failed"
+    stopped: str | MaskrayError | None = "failed"
     try:
         stopped = trainer.fit().return_value  # rank 0's: why the workers stopped early, if they did
         if not stopped and storage.is_file(stop_note):
@@ -200,6 +155,8 @@ def run_pretraining(
     finally:
         stop.close()
         finish_run(tracking_uri, run_id, not stopped)
+    if isinstance(stopped, MaskrayError):  # a user error on a worker: every rank stopped, no restart
+        raise stopped
     if stopped and stop.requested.is_set():
         raise Interrupted(f"{stopped}: run '{run_name}' checkpointed; re-submit it with --run-name {run_name} "
                           "to resume")

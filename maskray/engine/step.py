@@ -18,6 +18,7 @@ import torch.distributed as dist
 from maskray.config import TrainConfig
 from maskray.context import StepContext
 from maskray.data import batch_size
+from maskray.engine.fail_fast import failing_together
 from maskray.objective import Objective
 
 
@@ -77,7 +78,8 @@ def optimizer_step(
         in_a_row = 0
         while True:
             start = time.perf_counter()
-            batch = next(batches)
+            with failing_together(device):  # a data error on one rank stops every rank before the forward
+                batch = next(batches)
             wait += time.perf_counter() - start
             skipped += int(batch.get("skipped", 0))
             out = engine(to_device(batch, device, dtype), ctx)

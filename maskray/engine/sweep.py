@@ -29,9 +29,10 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from maskray.config import Config, load_config
-from maskray.engine.driver import run_pretraining, storage_location, validate_inputs
+from maskray.engine.driver import run_pretraining, storage_location
 from maskray.errors import ConfigError, MaskrayError
 from maskray.ray_env import ensure_ray
+from maskray.run_spec import build_run_spec
 from maskray.tracking import find_or_create_run, finish_run
 from maskray.tracking.compare import KIND_TAG, PARENT_TAG, SWEEP_TAG, compare_runs, comparison_figure, format_table
 from maskray.tracking.mlflow_run import find_run
@@ -131,8 +132,7 @@ def _trial_config(
     where = "--grid " + " ".join(f"{key}={value}" for key, value in assignment.items())
     try:
         config = load_config(config_path, [*overrides, *(f"{key}={value}" for key, value in assignment.items())])
-        config = config.resolved()
-        validate_inputs(config)
+        config = build_run_spec(config).config
     except MaskrayError as err:
         raise type(err)(f"{where}: {err}") from None
     flat, shared = config.flat(), base.flat()
