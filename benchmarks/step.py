@@ -38,7 +38,7 @@ from masking import mae_decoder_input, mae_loss, mae_random_masking  # noqa: E40
 from maskray.masking import ops  # noqa: E402
 from maskray.masking.indices import num_visible  # noqa: E402
 from maskray.models.decoder import MAEDecoder  # noqa: E402
-from maskray.models.vit import MaskedViT  # noqa: E402
+from maskray.models.vit import MaskedViT, MaskedViTCfg  # noqa: E402
 
 ARCHS = {"vit_s16": "vit_small_patch16_224", "vit_b16": "vit_base_patch16_224", "tiny": "vit_tiny_patch16_224"}
 
@@ -140,7 +140,7 @@ def run_variant(name, model, images, noises, keep, device, autocast, steps, warm
 def run_case(arch_key, args, device, autocast):
     torch.manual_seed(args.seed)
     arch = ARCHS.get(arch_key, arch_key)
-    encoder = MaskedViT(arch, img_size=args.img_size, patch_size=args.patch, depth=args.depth)
+    encoder = MaskedViT(MaskedViTCfg(arch=arch, img_size=args.img_size, patch_size=args.patch, depth=args.depth))
     patch_dim = args.patch * args.patch * encoder.in_chans
     decoder = MAEDecoder(encoder.embed_dim, encoder.grid_size, patch_dim, dim=args.decoder_dim,
                          depth=args.decoder_depth, num_heads=args.decoder_heads)

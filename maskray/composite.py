@@ -85,7 +85,7 @@ class PartConfig(BaseModel):
 
 class CompositeParams(ObjectiveParams):
     parts: list[PartConfig] = Field(
-        default_factory=lambda: [{"name": "mae"}], min_length=1, validate_default=True,
+        default_factory=lambda: [{"name": "mae", "weight": 1.0}], min_length=1, validate_default=True,
         description="each {name: <objective>, weight: >= 0, <that objective's keys>}",
     )
     eval_part: str | None = Field(None, description="a part whose eval_encoder() evaluation and export use")

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from maskray.errors import ConfigError
+from maskray.models.vit import MaskedViTCfg
 from maskray.storage import is_uri, refuse_shell
 
 
@@ -23,43 +24,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(Section):
-    """Backbone: a timm ViT name plus overrides passed to ``timm.create_model``."""
+class ModelConfig(MaskedViTCfg):
+    """Backbone: every option of the encoder (:class:`~maskray.models.vit.MaskedViTCfg`, defined there once), plus
+    the weights it starts from."""
 
-    arch: str = "vit_tiny_patch16_224"
-    img_size: int = Field(16, gt=0)
-    patch_size: int = Field(4, gt=0)
-    in_chans: int = Field(3, gt=0)
-    depth: int | None = Field(4, gt=0, description="overrides the arch's depth; null keeps it")
-    pos_embed: Literal["sincos", "learned", "none"] = Field(
-        "sincos", description="absolute position embedding; 'none' only with a relative position bias"
-    )
-    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
-    layer_scale: float | None = Field(None, gt=0.0, description="LayerScale init (timm init_values); null: none")
-    rel_pos_bias: Literal["none", "shared", "per_block", "both"] = Field(
-        "none", description="BEiT relative position bias (timm Beit archs only): shared by all blocks, per block, both"
-    )
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
     init_from: str | None = Field(
         None, description="start the encoder from this local file: a timm state dict (.safetensors, or .pth loaded "
         "weights-only; maskray's export is one), an MAE-reference or a Hugging Face ViTMAE checkpoint; null: random"
     )
-
-    @model_validator(mode="after")
-    def _patch_divides_image(self) -> ModelConfig:
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        return self
-
-    @model_validator(mode="after")
-    def _position_options_fit_arch(self) -> ModelConfig:
-        from maskray.models.vit import is_beit_arch
-
-        if self.rel_pos_bias != "none" and not is_beit_arch(self.arch):
-            raise ValueError(f"model.rel_pos_bias {self.rel_pos_bias!r} needs a timm Beit arch (beit_*, beitv2_*), "
-                             f"got model.arch {self.arch!r}")
-        if self.pos_embed == "none" and self.rel_pos_bias == "none":
-            raise ValueError("model.pos_embed 'none' needs a model.rel_pos_bias")
-        return self
 
 
 class DataConfig(Section):

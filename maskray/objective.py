@@ -363,7 +363,7 @@ def validate_objective(name: str, params: dict[str, Any], where: str = "objectiv
     except ValidationError as err:
         raise ConfigError(describe_validation_error(err, where)) from None
     cls.check_config(config, where)
-    return config
+    return config.map_sources(where, lambda key, source: source.keyed(key))
 
 
 def context_where(info: ValidationInfo, default: str = "objective") -> str:

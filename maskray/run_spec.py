@@ -7,12 +7,12 @@ worker as is.
 1. local paths absolute and the MLflow store fixed (:meth:`Config.resolved`), the objective's keys validated into
    its typed params (a composite's parts too: :func:`~maskray.objective.validate_objective`) with their teachers'
    and tokenizers' paths absolute;
-2. the data checked (shards, channels, normalisation, the evaluation sets: :func:`check_data`);
-3. the encoder built (``model.init_from`` loaded, its sha256 recorded) and the objective built around it on the
+2. the encoder built (``model.init_from`` loaded, its sha256 recorded) and the objective built around it on the
    CPU, as a worker builds it: every frozen teacher is resolved once here and its sha256 recorded as the run's
    params ``<key>.sha256`` and pinned in the typed params, so a worker that loads other weights stops;
-4. the objective's own checks that need the model and data (:meth:`~maskray.objective.Objective.check`: a mask
-   block that does not tile the patch grid, a teacher on another grid) and its loader transform built once.
+3. the objective's own checks that need the model and data (:meth:`~maskray.objective.Objective.check`: a mask
+   block that does not tile the patch grid, a teacher on another grid) and its loader transform built once;
+4. the data checked (shards, channels, normalisation, the evaluation sets: :func:`check_data`).
 
 Every failure is a one-line :class:`~maskray.errors.ConfigError` or :class:`~maskray.errors.DataError` naming
 the key, raised before Ray starts. Workers read :attr:`RunSpec.objective` and never validate again.
@@ -76,8 +76,6 @@ def build_run_spec(config: Config, check_data_too: bool = True) -> RunSpec:
     typed = validate_objective(name, config.objective.params).resolved(project_root(), config.tracking.uri)
     config = config.model_copy(update={"objective": ObjectiveConfig(
         name=name, **typed.model_dump(mode="json", exclude_unset=True))})
-    if check_data_too:
-        check_data(config)
     params, tags = config.flat(), config.run_tags()
     params["deepspeed.zero_stage"] = zero_stage(config.train, config.scaling.workers)
 
@@ -99,4 +97,6 @@ def build_run_spec(config: Config, check_data_too: bool = True) -> RunSpec:
         params.update(teacher_params)
         tags.update(teacher_tags)
         pinned[key] = teacher.sha256
+    if check_data_too:
+        check_data(config)
     return RunSpec(config, typed.with_teacher_sha256(pinned, "objective"), params, tags)

@@ -54,13 +54,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from maskray.checkpoint import CONFIG_FILE, ENCODER_FILE, read_checkpoint_config
 from maskray.config import TrackingConfig, project_root
 from maskray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, channel_stats
 from maskray.errors import ConfigError
-from maskray.models import MaskedViT
+from maskray.models import MaskedViT, MaskedViTCfg
 from maskray.models.pretrained import (
     file_sha256,
     first_mismatch,
@@ -86,6 +86,18 @@ class LocatedSource(BaseModel):
     path: str | None = Field(None, description="a local file or directory")
     run_id: str | None = Field(None, description="an MLflow run")
     tracking_uri: str | None = Field(None, description="run_id: its MLflow store; null: the training run's")
+    _key: str | None = PrivateAttr(None)  # its config key, for errors raised where it is loaded
+
+    @property
+    def key(self) -> str | None:
+        """The config key this source was validated under (``objective.parts[1].teacher``), if known."""
+        return self._key
+
+    def keyed(self, key: str) -> LocatedSource:
+        """A copy that knows its config key (:attr:`key`)."""
+        copy = self.model_copy()
+        copy._key = key
+        return copy
 
     def check(self, where: str) -> None:
         """ConfigError naming ``<where>.<key>`` for keys that do not fit together (files are checked when the
@@ -220,9 +232,11 @@ def state_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def build_teacher(spec: TeacherSpec, img_size: int | None = None, where: str = "objective.teacher") -> FrozenTeacher:
+def build_teacher(spec: TeacherSpec, img_size: int | None = None, where: str | None = None) -> FrozenTeacher:
     """The frozen teacher of ``spec`` running at ``spec.img_size`` (else ``img_size``, else its own size);
-    ConfigError naming ``<where>.<key>`` when it cannot be resolved."""
+    ConfigError naming ``<where>.<key>`` when it cannot be resolved (``where`` default: the spec's config key,
+    else ``objective.teacher``)."""
+    where = where or spec.key or "objective.teacher"
     spec.check(where)
     if spec.path is not None:
         path = spec.local_path()
@@ -270,9 +284,7 @@ def _maskray_path(path: Path, size: int | None, key: str) -> tuple[nn.Module, st
             raise ConfigError(f"key '{key}': '{path}' has no {CONFIG_FILE} and {ENCODER_FILE} (not a maskray "
                               f"checkpoint)")
         config = read_checkpoint_config(path)
-        init = dict(arch=config.model.arch, img_size=config.model.img_size, patch_size=config.model.patch_size,
-                    in_chans=config.model.in_chans, depth=config.model.depth, pos_embed=config.model.pos_embed,
-                    layer_scale=config.model.layer_scale, rel_pos_bias=config.model.rel_pos_bias)
+        options = MaskedViTCfg.of(config.model)
         stats = channel_stats(config.data.mean, config.data.std, config.model.in_chans)
         weights = path / ENCODER_FILE
     else:
@@ -280,11 +292,10 @@ def _maskray_path(path: Path, size: int | None, key: str) -> tuple[nn.Module, st
         if "mean" not in metadata:
             raise ConfigError(f"key '{key}': '{path}' records no input normalisation (an export from before the "
                               f"teacher registry): give the teacher's mean and std")
-        init = weights_init_kwargs(metadata)
+        options = MaskedViTCfg(**weights_init_kwargs(metadata))
         stats = (tuple(json.loads(metadata["mean"])), tuple(json.loads(metadata["std"])))
         weights = path
-    init.update(drop_path_rate=0.0, **({"img_size": size} if size else {}))
-    encoder = MaskedViT(**init)
+    encoder = MaskedViT(options.model_copy(update={"drop_path_rate": 0.0, **({"img_size": size} if size else {})}))
     return ViTPatchFeatures(encoder), load_pretrained(encoder, weights, key).sha256, stats
 
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from maskray.errors import ConfigError
-from maskray.models import MaskedViT
+from maskray.models import MaskedViT, MaskedViTCfg
 
 ARTIFACT_DIR = "encoder"  # a run's MLflow artifacts of its encoder: encoder.safetensors (this format), timm.json
 RUN_ARTIFACT = f"{ARTIFACT_DIR}/encoder.safetensors"  # logged when a run finishes; launch/export.py rewrites it
@@ -88,7 +88,7 @@ def weights_init_kwargs(metadata: dict[str, str]) -> dict[str, Any]:
 
 def load_weights(path: str | os.PathLike) -> MaskedViT:
     """The encoder of an exported weights file, its state dict loaded strictly."""
-    encoder = MaskedViT(**weights_init_kwargs(read_weights_metadata(path)))
+    encoder = MaskedViT(MaskedViTCfg(**weights_init_kwargs(read_weights_metadata(path))))
     try:
         encoder.vit.load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as exc:

@@ -101,7 +101,7 @@ class BEiTv2(Objective):
         for i in range(params.head_layers):
             depth = params.early_layers + i  # the reference's drop-path index of this head block
             block = copy.deepcopy(blocks[min(depth, len(blocks) - 1)])
-            reinit_block(block, depth + 1, encoder.init_kwargs["layer_scale"])
+            reinit_block(block, depth + 1, encoder.cfg.layer_scale)
             self.head.append(block)
 
     def check(self, model, data, where: str) -> None:
@@ -112,7 +112,7 @@ class BEiTv2(Objective):
         if self.params.num_masked > encoder.num_patches:
             raise ConfigError(f"key '{where}.num_masked': {self.params.num_masked} exceeds the encoder's "
                               f"{encoder.num_patches} patches")
-        size, own = tokenizer.encoder.init_kwargs["img_size"], encoder.init_kwargs["img_size"]
+        size, own = tokenizer.encoder.cfg.img_size, encoder.cfg.img_size
         if (size, tokenizer.encoder.grid_size) != (own, encoder.grid_size):
             raise ConfigError(f"key '{where}.tokenizer': it codes {size}-pixel images on a "
                               f"{tokenizer.encoder.grid_size} grid, the encoder sees {own}-pixel images on a "

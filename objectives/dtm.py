@@ -174,7 +174,7 @@ class DTM(Objective):
 
     def __init__(self, encoder: MaskedViT, params: DTMParams) -> None:
         super().__init__(encoder, params)
-        img_size = encoder.init_kwargs["img_size"]
+        img_size = encoder.cfg.img_size
         self.teacher = build_teacher(params.teacher, img_size=img_size)
         encoder.add_mask_token()
         self.head = nn.Linear(encoder.embed_dim, self.teacher.module.embed_dim)

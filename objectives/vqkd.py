@@ -52,7 +52,7 @@ from maskray.context import StepContext
 from maskray.data.transforms import channel_stats
 from maskray.distributed import all_reduce_sum, broadcast
 from maskray.errors import ConfigError
-from maskray.models import MaskedViT, sincos_2d
+from maskray.models import MaskedViT, MaskedViTCfg, sincos_2d
 from maskray.models.pretrained import file_sha256
 from maskray.objective import Objective, ObjectiveOutput, ObjectiveParams, register_objective
 from maskray.passes import EncoderPass, PassOutput
@@ -303,7 +303,7 @@ def load_tokenizer(source: TokenizerSource) -> tuple[VQKDTokenizer, str, str]:
 def _read_tokenizer(directory: Path) -> tuple[VQKDTokenizer, str]:
     config = json.loads((directory / CONFIG_FILE).read_text())
     weights = load_file(str(directory / WEIGHTS_FILE))
-    encoder = MaskedViT(**config["encoder"])
+    encoder = MaskedViT(MaskedViTCfg(**config["encoder"]))
     encoder.vit.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
     encode_task = task_layer(encoder.embed_dim, config["code_dim"])
     encode_task.load_state_dict({k[len("encode_task."):]: v for k, v in weights.items()
@@ -353,7 +353,7 @@ class VQKD(Objective):
 
     def __init__(self, encoder: MaskedViT, params: VQKDParams) -> None:
         super().__init__(encoder, params)
-        self.teacher_size = params.teacher.img_size or encoder.init_kwargs["img_size"]
+        self.teacher_size = params.teacher.img_size or encoder.cfg.img_size
         self.teacher = build_teacher(params.teacher, self.teacher_size)
         self.encode_task = task_layer(encoder.embed_dim, params.code_dim)
         self.quantizer = NormEMAQuantizer(params.num_codes, params.code_dim, params.decay, params.beta,

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from maskray.config import load_config
 from maskray.errors import ConfigError
 from maskray.masking import masked_patch_loss, num_visible, random_mask_indices
-from maskray.models import MAEDecoder, MaskedViT, attention_probs, build_encoder, register_external_parameters
+from maskray.models import (
+    MAEDecoder,
+    MaskedViT,
+    MaskedViTCfg,
+    attention_probs,
+    build_encoder,
+    register_external_parameters,
+)
 
 VIT = "vit_tiny_patch16_224"
 BEIT = "beitv2_base_patch16_224"
@@ -30,7 +37,7 @@ BACKBONES = [
 def _tiny(arch: str = VIT, **options) -> MaskedViT:
     """img 16, patch 4 (a 4x4 grid), two blocks."""
     torch.manual_seed(0)
-    return MaskedViT(arch, img_size=16, patch_size=4, depth=2, **options).eval()
+    return MaskedViT(MaskedViTCfg(arch=arch, img_size=16, patch_size=4, depth=2, **options)).eval()
 
 
 def _randomize_rel_pos_tables(encoder: MaskedViT) -> None:
@@ -198,10 +205,10 @@ def test_no_weight_decay_names_come_from_timm_and_exist() -> None:
 def test_config_validates_and_builds_the_backbone_options() -> None:
     with pytest.raises(ConfigError, match="model.rel_pos_bias"):
         load_config(None, ["model.rel_pos_bias=shared"])
-    with pytest.raises(ConfigError, match="model.pos_embed 'none'"):
+    with pytest.raises(ConfigError, match="model.rel_pos_bias': .*pos_embed 'none' needs a relative position bias"):
         load_config(None, [f"model.arch={BEIT}", "model.pos_embed=none"])
     with pytest.raises(ValueError, match="Beit arch"):
-        MaskedViT(VIT, img_size=16, patch_size=4, depth=1, rel_pos_bias="per_block")
+        MaskedViT(MaskedViTCfg(arch=VIT, img_size=16, patch_size=4, depth=1, rel_pos_bias="per_block"))
     config = load_config(None, [f"model.arch={BEIT}", "model.depth=1", "model.rel_pos_bias=shared",
                                 "model.layer_scale=0.1", "model.drop_path_rate=0.1"])
     encoder = build_encoder(config.model)
@@ -220,7 +227,7 @@ class _MAE(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.encoder = MaskedViT(VIT, img_size=16, patch_size=4, depth=2, pos_embed="learned")
+        self.encoder = MaskedViT(MaskedViTCfg(arch=VIT, img_size=16, patch_size=4, depth=2, pos_embed="learned"))
         self.decoder = MAEDecoder(self.encoder.embed_dim, self.encoder.grid_size, 4 * 4 * 3, dim=32, depth=1,
                                   num_heads=2)
 
@@ -237,8 +244,8 @@ class _BeitReplace(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.encoder = MaskedViT(BEIT, img_size=16, patch_size=4, depth=2, pos_embed="none", rel_pos_bias="both",
-                                 layer_scale=0.1)
+        self.encoder = MaskedViT(MaskedViTCfg(arch=BEIT, img_size=16, patch_size=4, depth=2, pos_embed="none",
+                                              rel_pos_bias="both", layer_scale=0.1))
         self.encoder.add_mask_token()
         self.head = nn.Linear(self.encoder.embed_dim, 8)
 

@@ -12,8 +12,8 @@ from helpers import demo_digits, png_bytes, tiny_tokenizer
 
 from maskray.config import load_config
 from maskray.context import StepContext
-from maskray.errors import ConfigError
 from maskray.data.sample import DecodedSample
+from maskray.errors import ConfigError
 from maskray.masking.block import block_mask
 from maskray.models import build_encoder
 from maskray.objective import build_objective

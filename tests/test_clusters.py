@@ -14,7 +14,7 @@ from maskray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = REPO / "clusters"
-README = (REPO / "README.md").read_text()
+README = "\n".join(path.read_text() for path in (REPO / "README.md", REPO / "docs" / "clusters-and-storage.md"))
 LAUNCHER = sorted(CLUSTERS.glob("*.yaml"))
 KUBERAY = sorted((CLUSTERS / "kuberay").glob("*.yaml"))
 

@@ -38,8 +38,12 @@ def test_defaults_and_overrides(tmp_path) -> None:
     ],
 )
 def test_bad_values_name_the_key(overrides, fragment) -> None:
+    """The core's keys by load_config, the objective's by its own Config (the run specification's first step)."""
+    from maskray.objective import validate_objective
+
     with pytest.raises(ConfigError) as info:
-        load_config(None, overrides)
+        config = load_config(None, overrides)
+        validate_objective(config.objective.name, config.objective.params)
     message = str(info.value)
     assert fragment in message and "\n" not in message
 
@@ -50,9 +54,10 @@ def test_zero_stage_auto_is_0_for_one_worker_and_2_for_more() -> None:
     auto = load_config(None).train
     assert auto.zero_stage == "auto" and zero_stage(auto, 1) == 0 and zero_stage(auto, 2) == zero_stage(auto, 8) == 2
     assert zero_stage(load_config(None, ["train.zero_stage=3"]).train, 1) == 3  # an explicit stage is kept
-    from maskray.engine.driver import run_params
+    from maskray.run_spec import build_run_spec
 
-    assert run_params(load_config(None, ["scaling.workers=1"]))["deepspeed.zero_stage"] == 0
+    spec = build_run_spec(load_config(None, ["scaling.workers=1"]), check_data_too=False)
+    assert spec.params["deepspeed.zero_stage"] == 0
 
 
 def test_bad_yaml_names_the_file(tmp_path) -> None:

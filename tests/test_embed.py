@@ -20,7 +20,7 @@ from maskray.errors import ConfigError, DataError
 from maskray.eval import embed as embed_module
 from maskray.eval.embed import batches, embed, resolve_encoder, resolve_inputs
 from maskray.export import export_encoder
-from maskray.models import MaskedViT
+from maskray.models import MaskedViT, MaskedViTCfg
 from maskray.teachers import file_sha256
 from maskray.weights import init_kwargs_from_timm, load_weights, read_weights_metadata
 
@@ -180,7 +180,7 @@ def test_folder_labels_are_those_make_shards_gives(inputs) -> None:
 ])
 def test_old_exports_without_init_kwargs_rebuild_the_encoder(tmp_path, kwargs) -> None:
     torch.manual_seed(0)
-    encoder = MaskedViT(**kwargs).eval()
+    encoder = MaskedViT(MaskedViTCfg(**kwargs)).eval()
     derived = init_kwargs_from_timm(encoder.arch, encoder.timm_kwargs)
     assert derived == {key: value for key, value in encoder.init_kwargs.items() if key != "drop_path_rate"}
     old = tmp_path / "old.safetensors"

@@ -18,11 +18,11 @@ from timm.layers import resample_abs_pos_embed
 
 from maskray.checkpoint import load_encoder
 from maskray.config import Config, ModelConfig, load_config
-from maskray.engine.driver import run_params
 from maskray.errors import ConfigError
 from maskray.export import export_encoder
 from maskray.models import build_encoder, build_initial_encoder, load_pretrained, sincos_2d
 from maskray.models.pretrained import detect_format
+from maskray.run_spec import build_run_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,10 +182,10 @@ def test_relative_path_resolves_and_sha256_becomes_a_param(tmp_path) -> None:
     save_file(_timm(5).state_dict(), str(tmp_path / "enc.safetensors"))
     config = load_config(None, ["model.depth=2", "model.init_from=enc.safetensors"]).resolved(tmp_path)
     assert config.model.init_from == str(tmp_path / "enc.safetensors")
-    params = run_params(config)
+    params = build_run_spec(config, check_data_too=False).params
     assert params["model.init_from_sha256"] == hashlib.sha256((tmp_path / "enc.safetensors").read_bytes()).hexdigest()
     assert params["model.init_from"] == str(tmp_path / "enc.safetensors")
-    assert "model.init_from_sha256" not in run_params(Config())
+    assert "model.init_from_sha256" not in build_run_spec(Config(), check_data_too=False).params
 
 
 def test_cli_missing_init_from_exits_2_with_one_line(tmp_path) -> None:

@@ -353,10 +353,10 @@ def test_loss_uint8_half_pred_and_shuffled_rows(interpret):
 def test_mae_forward_backward_through_kernels(interpret, monkeypatch):
     """A tiny MaskedViT + MAEDecoder step gives the same loss and gradients with kernels and with the reference."""
     from maskray.models.decoder import MAEDecoder
-    from maskray.models.vit import MaskedViT
+    from maskray.models.vit import MaskedViT, MaskedViTCfg
 
     torch.manual_seed(8)
-    enc = MaskedViT("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    enc = MaskedViT(MaskedViTCfg(arch="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1))
     dec = MAEDecoder(enc.embed_dim, enc.grid_size, 8 * 8 * 3, dim=32, depth=1, num_heads=2)
     images = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, enc.num_patches)
@@ -380,10 +380,10 @@ def test_mae_forward_backward_through_kernels(interpret, monkeypatch):
 def test_smaller_view_through_kernels(interpret, monkeypatch):
     """An 8x8 view of a 16x16 model (resampled position embedding, ids_keep on the view's 2x2 grid): the fused
     embedding gives the reference's tokens and gradients, the learned position table included."""
-    from maskray.models.vit import MaskedViT
+    from maskray.models.vit import MaskedViT, MaskedViTCfg
 
     torch.manual_seed(9)
-    enc = MaskedViT("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, pos_embed="learned")
+    enc = MaskedViT(MaskedViTCfg(arch="vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, pos_embed="learned"))
     images = torch.randn(2, 3, 8, 8)
     ids_keep = _masking(2, 4, 0.5).ids_keep
 

@@ -13,7 +13,7 @@ import timm
 import torch
 
 from maskray.catalog import FieldRow, config_rows
-from maskray.models import MaskedViT
+from maskray.models import MaskedViT, MaskedViTCfg
 from maskray.models.vit import _ARCH_MODULES, accepted_archs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_list_backbones_without_ray() -> None:
                                   "beit3_base_patch16_224", "eva_large_patch14_196", "vit_intern300m_patch14_448"])
 def test_listed_archs_build_and_run(arch) -> None:
     assert arch in accepted_archs()
-    encoder = MaskedViT(arch, img_size=16, patch_size=4, depth=1)
+    encoder = MaskedViT(MaskedViTCfg(arch=arch, img_size=16, patch_size=4, depth=1))
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         out = encoder(images, ids_keep=torch.tensor([[0, 5], [3, 9]]), return_attn=True)
@@ -109,7 +109,7 @@ def test_listed_archs_build_and_run(arch) -> None:
 def test_rejected_archs_do_not_build(arch) -> None:
     assert arch not in accepted_archs()
     with torch.device("meta"), pytest.raises(ValueError, match=arch):
-        MaskedViT(arch, img_size=16, patch_size=4, depth=1, pos_embed="learned")
+        MaskedViT(MaskedViTCfg(arch=arch, img_size=16, patch_size=4, depth=1, pos_embed="learned"))
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_listing_is_exactly_what_maskedvit_builds() -> None:
             continue
         try:
             with torch.device("meta"):
-                MaskedViT(name, img_size=16, patch_size=4, depth=1, pos_embed="learned")
+                MaskedViT(MaskedViTCfg(arch=name, img_size=16, patch_size=4, depth=1, pos_embed="learned"))
         except ValueError:
             continue
         built.add(name)

@@ -13,7 +13,7 @@ from maskray.context import RankRandomness, StepContext
 from maskray.distributed import all_reduce_mean
 from maskray.errors import ConfigError
 from maskray.models import build_encoder
-from maskray.objective import build_objective
+from maskray.objective import build_objective, validate_objective
 from maskray.passes import run_passes
 from maskray.schedules import cosine_schedule
 from objectives.mae import MAE
@@ -54,7 +54,7 @@ def test_visible_sets_are_disjoint_and_of_the_exact_size(one_thread) -> None:
 
 def test_a_mask_ratio_without_room_for_two_disjoint_views_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"key 'objective.mask_ratio'"):
-        load_config(None, ["objective.name=mae_lut", "objective.mask_ratio=0.4"])
+        validate_objective("mae_lut", {"mask_ratio": 0.4})
 
 
 def test_ema_teacher_follows_the_whole_student_with_the_formula_and_gets_no_gradient(one_thread) -> None:

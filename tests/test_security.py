@@ -19,9 +19,9 @@ from maskray import storage
 from maskray.checkpoint import refuse_writable_by_others
 from maskray.config import load_config
 from maskray.data import ImageTransform, Sample, Views, build_loader, resolve_shards, write_shards
-from maskray.engine.driver import run_params
 from maskray.engine.training_state import load_training_state
 from maskray.errors import ConfigError, DataError
+from maskray.run_spec import build_run_spec
 from maskray.tracking import find_or_create_run, redact_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_secrets_from_the_environment_and_the_config_are_redacted_from_logged_pa
         "tracking.tags={api_token: tok-42, password: pw-42, note: 'copied aws-s3cr3t-0123456789 here', team: a}",
         "data.shards=s3://bucket/shards?token=mlflow-tok-abcdef",
     ])
-    params = run_params(config)
+    params = build_run_spec(config, check_data_too=False).params
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id, _ = find_or_create_run(uri, "redact", "r", params, config.run_tags())
     run = MlflowClient(uri).get_run(run_id)

@@ -16,7 +16,7 @@ from maskray.data import FramePair
 from maskray.data.sources import demo_clips, moving_digit_clip
 from maskray.errors import ConfigError
 from maskray.masking import masked_patch_loss, num_visible, patchify
-from maskray.models import MaskedViT
+from maskray.models import MaskedViT, MaskedViTCfg
 from maskray.objective import build_objective, validate_objective
 from maskray.passes import select
 from objectives.tobo import ToBoDecoder, bottleneck_sequence
@@ -26,7 +26,7 @@ SIZE, PATCH, LENGTH = 32, 4, 64  # the demo geometry: 64 patches, 6 of them visi
 
 def _encoder() -> MaskedViT:
     torch.manual_seed(0)
-    return MaskedViT(arch="vit_tiny_patch16_224", img_size=SIZE, patch_size=PATCH, in_chans=3, depth=2)
+    return MaskedViT(MaskedViTCfg(arch="vit_tiny_patch16_224", img_size=SIZE, patch_size=PATCH, in_chans=3, depth=2))
 
 
 def _objective(**params):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from maskray import storage
 from maskray.checkpoint import checkpoint_step, latest_checkpoint, read_checkpoint_config, refuse_writable_by_others
@@ -38,11 +37,6 @@ class PretrainResult:
 
 def default_run_name(config: Config) -> str:
     return f"{config.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def run_params(config: Config) -> dict[str, Any]:
-    """The MLflow params a run of ``config`` records (:attr:`RunSpec.params`; builds the run specification)."""
-    return build_run_spec(config).params
 
 
 def storage_location(location: str):

@@ -66,7 +66,7 @@ class FinetuneClassifier(nn.Module):
 
     def __init__(self, encoder: MaskedViT, num_classes: int, drop_path: float) -> None:
         super().__init__()
-        self.encoder = MaskedViT(**{**encoder.init_kwargs, "drop_path_rate": drop_path})
+        self.encoder = MaskedViT(encoder.cfg.model_copy(update={"drop_path_rate": drop_path}))
         self.encoder.vit.load_state_dict(encoder.vit.state_dict(), strict=True)
         self.encoder.to(encoder.vit.cls_token.device)
         self.head = nn.Linear(encoder.embed_dim, num_classes, device=encoder.vit.cls_token.device)

@@ -4,7 +4,14 @@ from maskray.models.decoder import MAEDecoder
 from maskray.models.heads import GlobalBatchNorm1d, MLPHead
 from maskray.models.pos_embed import sincos_2d
 from maskray.models.pretrained import InitFrom, load_pretrained
-from maskray.models.vit import EncoderOutput, MaskedViT, attention_probs, is_beit_arch, set_fused_attention
+from maskray.models.vit import (
+    EncoderOutput,
+    MaskedViT,
+    MaskedViTCfg,
+    attention_probs,
+    is_beit_arch,
+    set_fused_attention,
+)
 from maskray.models.zero import register_external_parameters
 
 __all__ = [
@@ -14,6 +21,7 @@ __all__ = [
     "MAEDecoder",
     "MLPHead",
     "MaskedViT",
+    "MaskedViTCfg",
     "attention_probs",
     "build_encoder",
     "build_initial_encoder",
@@ -25,19 +33,9 @@ __all__ = [
 ]
 
 
-def build_encoder(model_config) -> MaskedViT:
-    """Build the encoder described by a :class:`maskray.config.ModelConfig`."""
-    return MaskedViT(
-        arch=model_config.arch,
-        img_size=model_config.img_size,
-        patch_size=model_config.patch_size,
-        in_chans=model_config.in_chans,
-        depth=model_config.depth,
-        pos_embed=model_config.pos_embed,
-        drop_path_rate=model_config.drop_path_rate,
-        layer_scale=model_config.layer_scale,
-        rel_pos_bias=model_config.rel_pos_bias,
-    )
+def build_encoder(model_config: MaskedViTCfg) -> MaskedViT:
+    """The encoder of a run's ``model`` section (:class:`maskray.config.ModelConfig`, a :class:`MaskedViTCfg`)."""
+    return MaskedViT(model_config)
 
 
 def build_initial_encoder(model_config) -> MaskedViT:

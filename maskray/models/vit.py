@@ -22,6 +22,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from timm.layers import resample_abs_pos_embed
 from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import Beit
@@ -115,62 +116,85 @@ def set_fused_attention(module: nn.Module, fused: bool) -> int:
     return count
 
 
-class MaskedViT(nn.Module):
-    """Encoder wrapper around ``timm.create_model(arch, num_classes=0, **timm_kwargs)``.
+class MaskedViTCfg(BaseModel):
+    """Every option of a :class:`MaskedViT`, defined once (as timm's typed model configs): the run config's
+    ``model`` section (:class:`maskray.config.ModelConfig`) extends it, an export stores it (``init_kwargs``), and
+    :class:`MaskedViT` is built from it and nothing else.
 
-    Args:
-        arch: a timm ViT name (``vit_tiny_patch16_224`` ... ``vit_huge_patch14_224``) or a timm Beit name
-            (``beit_base_patch16_224``, ``beitv2_base_patch16_224``, ...).
-        img_size, patch_size, in_chans, depth: overrides passed to timm (``depth=None`` keeps the arch's).
-        pos_embed: absolute position embedding: ``"sincos"`` (fixed 2-D sin-cos, not trained, as MAE),
-            ``"learned"``, or ``"none"`` (Beit archs with a relative position bias only, as BEiT v2).
-        drop_path_rate: stochastic depth (timm's linear decay over the blocks).
-        layer_scale: LayerScale init value (timm ``init_values``); None: no LayerScale, whatever the arch's default.
-        rel_pos_bias: BEiT relative position bias (Beit archs only): one table shared by all blocks
-            (``"shared"``), one per block (``"per_block"``), or both added (``"both"``, as DTM).
+    ``arch``: a timm ViT name (``vit_tiny_patch16_224`` ... ``vit_huge_patch14_224``) or a timm Beit name
+    (``beit_base_patch16_224``, ``beitv2_base_patch16_224``, ...); ``img_size``, ``patch_size``, ``in_chans``,
+    ``depth`` are passed to timm (``depth`` None keeps the arch's).
     """
 
-    def __init__(
-        self,
-        arch: str,
-        img_size: int,
-        patch_size: int,
-        in_chans: int = 3,
-        depth: int | None = None,
-        pos_embed: PosEmbed = "sincos",
-        drop_path_rate: float = 0.0,
-        layer_scale: float | None = None,
-        rel_pos_bias: RelPosBias = "none",
-    ) -> None:
-        super().__init__()
-        if pos_embed not in ("sincos", "learned", "none"):
-            raise ValueError(f"pos_embed must be 'sincos', 'learned' or 'none', got {pos_embed!r}")
-        if rel_pos_bias not in ("none", "shared", "per_block", "both"):
-            raise ValueError(f"rel_pos_bias must be 'none', 'shared', 'per_block' or 'both', got {rel_pos_bias!r}")
-        beit = is_beit_arch(arch)
-        if rel_pos_bias != "none" and not beit:
-            raise ValueError(f"{arch}: a relative position bias needs a timm Beit arch (beit_*, beitv2_*)")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: str = "vit_tiny_patch16_224"
+    img_size: int = Field(16, gt=0)
+    patch_size: int = Field(4, gt=0, validate_default=True)
+    in_chans: int = Field(3, gt=0)
+    depth: int | None = Field(4, gt=0, description="overrides the arch's depth; null keeps it")
+    pos_embed: PosEmbed = Field(
+        "sincos", description="absolute position embedding: sincos (fixed 2-D sin-cos, not trained, as MAE), "
+        "learned, or none (only with a relative position bias, as BEiT v2)"
+    )
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth (timm's linear decay)")
+    layer_scale: float | None = Field(None, gt=0.0, description="LayerScale init (timm init_values); null: none, "
+                                      "whatever the arch's default")
+    rel_pos_bias: RelPosBias = Field(
+        "none", validate_default=True, description="BEiT relative position bias (timm Beit archs only): one table shared by all blocks, one "
+        "per block, or both added (as DTM)"
+    )
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_divides_image(cls, patch_size: int, info: ValidationInfo) -> int:
+        img_size = info.data.get("img_size")
+        if img_size is not None and img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        return patch_size
+
+    @field_validator("rel_pos_bias")
+    @classmethod
+    def _position_options_fit_arch(cls, rel_pos_bias: RelPosBias, info: ValidationInfo) -> RelPosBias:
+        arch, pos_embed = info.data.get("arch"), info.data.get("pos_embed")
+        if rel_pos_bias != "none" and arch is not None and not is_beit_arch(arch):
+            raise ValueError(f"{rel_pos_bias!r} needs a timm Beit arch (beit_*, beitv2_*), got arch {arch!r}")
         if pos_embed == "none" and rel_pos_bias == "none":
-            raise ValueError("pos_embed 'none' needs a relative position bias (rel_pos_bias)")
-        self.arch = arch
-        self.init_kwargs = dict(
-            arch=arch, img_size=img_size, patch_size=patch_size, in_chans=in_chans, depth=depth,
-            pos_embed=pos_embed, drop_path_rate=drop_path_rate, layer_scale=layer_scale, rel_pos_bias=rel_pos_bias,
-        )
+            raise ValueError("pos_embed 'none' needs a relative position bias")
+        return rel_pos_bias
+
+    @classmethod
+    def of(cls, options: BaseModel) -> MaskedViTCfg:
+        """The backbone options of a config that extends this one (the run's ``model`` section)."""
+        if type(options) is cls:
+            return options
+        return cls.model_validate(options.model_dump(include=set(cls.model_fields)))
+
+
+class MaskedViT(nn.Module):
+    """Encoder wrapper around ``timm.create_model(arch, num_classes=0, **timm_kwargs)``, built from its options
+    (:class:`MaskedViTCfg`; a config that extends it, such as the run's ``model`` section, is accepted)."""
+
+    def __init__(self, cfg: MaskedViTCfg) -> None:
+        super().__init__()
+        cfg = MaskedViTCfg.of(cfg)
+        self.cfg, self.arch = cfg, cfg.arch
         # init_values 0.0, not None, turns LayerScale off: timm.create_model drops None kwargs (arch defaults win)
-        init_values = 0.0 if layer_scale is None else layer_scale
-        overrides: dict = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, init_values=init_values)
-        if depth is not None:
-            overrides["depth"] = depth
-        if beit:  # final norm on the tokens (timm's Beit defaults to a norm after average pooling instead)
+        overrides: dict = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                               init_values=0.0 if cfg.layer_scale is None else cfg.layer_scale)
+        if cfg.depth is not None:
+            overrides["depth"] = cfg.depth
+        if is_beit_arch(cfg.arch):  # final norm on the tokens (timm's Beit defaults to a norm after average pooling)
             overrides.update(
-                use_abs_pos_emb=pos_embed != "none",
-                use_rel_pos_bias=rel_pos_bias in ("per_block", "both"),
-                use_shared_rel_pos_bias=rel_pos_bias in ("shared", "both"),
+                use_abs_pos_emb=cfg.pos_embed != "none",
+                use_rel_pos_bias=cfg.rel_pos_bias in ("per_block", "both"),
+                use_shared_rel_pos_bias=cfg.rel_pos_bias in ("shared", "both"),
                 use_fc_norm=False,
             )
         self.timm_kwargs = overrides
-        self.vit = timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **overrides)
+        self.vit = timm.create_model(cfg.arch, pretrained=False, num_classes=0, drop_path_rate=cfg.drop_path_rate,
+                                     **overrides)
+        arch = cfg.arch
         if not isinstance(self.vit, (VisionTransformer, Beit)):
             raise ValueError(f"{arch}: maskray supports timm VisionTransformer and Beit archs")
         if isinstance(self.vit, VisionTransformer) and (self.vit.no_embed_class or self.vit.pos_embed is None):
@@ -181,9 +205,9 @@ class MaskedViT(nn.Module):
             raise ValueError(f"{arch}: maskray needs the CLS token as the only prefix token")
         if not all(hasattr(getattr(block, "attn", None), "qkv") for block in self.vit.blocks):
             raise ValueError(f"{arch}: maskray needs blocks with one fused qkv attention (block.attn.qkv)")
-        self.has_rel_pos_bias = rel_pos_bias != "none"
+        self.has_rel_pos_bias = cfg.rel_pos_bias != "none"
         self.register_parameter("mask_token", None)
-        if pos_embed == "sincos":
+        if cfg.pos_embed == "sincos":
             with torch.no_grad():
                 self.vit.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size))
             self.vit.pos_embed.requires_grad_(False)
@@ -194,6 +218,11 @@ class MaskedViT(nn.Module):
         weight = self.vit.patch_embed.proj.weight
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.normal_(self.vit.cls_token, std=0.02)
+
+    @property
+    def init_kwargs(self) -> dict:
+        """The options as a JSON-able dict (an export's ``init_kwargs`` metadata; ``MaskedViTCfg(**init_kwargs)``)."""
+        return self.cfg.model_dump(mode="json")
 
     @property
     def embed_dim(self) -> int:
