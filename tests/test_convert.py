@@ -98,3 +98,33 @@ def test_an_interrupted_conversion_resumes_keeping_finished_shards(tmp_path, cap
     fresh = convert(source, order, tmp_path / "fresh", samples_per_shard=100, progress=False)
     assert _contents(out) == _contents(tmp_path / "fresh") and fresh.shards.num_samples == 899
     assert not (out / PARTS_DIR).exists()
+
+
+def test_a_registered_source_is_listed_and_written_with_no_other_edit(tmp_path, capsys, monkeypatch) -> None:
+    """One register_source call: make_shards lists it, writes each split into its own directory, refuses
+    options that do not apply; the registry is restored afterwards."""
+    from maskray.data import sources
+    from maskray.data.writer import Sample
+
+    monkeypatch.setattr(sources, "NAMED_SOURCES", dict(sources.NAMED_SOURCES))
+    rng = np.random.default_rng(0)
+
+    def split(count: int) -> Source:
+        pixels = rng.integers(0, 255, (count, 4, 4), dtype=np.uint8)
+        labels = np.arange(count) % 2
+        return Source("stripes", labels, ("even", "odd"), lambda i: Sample(
+            key=f"s{i:03d}", image=png_bytes(pixels[i]), ext="png", label=int(labels[i])))
+
+    sources.register_source("stripes", "two-class 4x4 noise", subdirs=("fit", "val"), modes=False,
+                            samples_per_shard=3)(lambda mode: {"fit": split(7), "val": split(4)})
+    assert make_shards_main(["--list-sources"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert "stripes: two-class 4x4 noise" in listed and any(line.startswith("demo: ") for line in listed)
+    assert make_shards_main(["stripes", str(tmp_path / "out")]) == 0
+    assert [len(read_manifest(tmp_path / "out" / name)) for name in ("fit", "val")] == [7, 4]
+    assert len(list((tmp_path / "out" / "fit").glob("*.tar"))) == 3  # the source's own shard size
+    capsys.readouterr()
+    assert make_shards_main(["stripes", str(tmp_path / "other"), "--mode", "rgb"]) == 2
+    assert "--mode does not apply to 'stripes'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="already registered"):
+        sources.register_source("stripes", "again")(lambda mode: {})

@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING, Any
 from maskray.data.manifest import MANIFEST_NAME, ShardSet, read_manifest, resolve_shards
 from maskray.data.reader import batch_size, build_loader, collate, infinite_batches, steps_per_epoch
 from maskray.data.sample import DecodedSample
-from maskray.data.sources import Source, clip_folder, demo, image_folder, parquet_file, split_indices
+from maskray.data.sources import (
+    Source,
+    clip_folder,
+    demo,
+    image_folder,
+    named_sources,
+    parquet_file,
+    register_source,
+    split_indices,
+)
 from maskray.data.writer import Sample, write_shards
 
 if TYPE_CHECKING:
@@ -49,8 +58,10 @@ __all__ = [
     "demo",
     "image_folder",
     "infinite_batches",
+    "named_sources",
     "parquet_file",
     "read_manifest",
+    "register_source",
     "resolve_shards",
     "split_indices",
     "steps_per_epoch",

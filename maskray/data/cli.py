@@ -1,5 +1,5 @@
-"""The ``launch/make_shards.py`` command: image folder, clip folder, Parquet file or the digits demo -> shard
-directories."""
+"""The ``launch/make_shards.py`` command: image folder, clip folder, Parquet file or a named source (the digits
+demo, its clips, any registered one: :func:`maskray.data.sources.register_source`) -> shard directories."""
 
 from __future__ import annotations
 
@@ -19,33 +19,31 @@ from maskray.data.sources import (
     MODES,
     Source,
     clip_folder,
-    demo,
-    demo_clips,
     image_folder,
+    named_sources,
     parquet_file,
     split_indices,
 )
 from maskray.data.writer import check_out_dir
 from maskray.errors import DataError, MaskrayError
 
-DEMO_SAMPLES_PER_SHARD = 100  # ~9 shards per demo split, so ranks x loader workers all get shards
 SAMPLES_PER_SHARD = 1000
 SPLIT_SEED = 0
-DEMOS = ("demo", "demo-clips")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    sources = named_sources()
     parser = argparse.ArgumentParser(
         prog="make_shards.py",
-        description="Write WebDataset shards plus manifest.parquet from an image folder (class subfolders "
-        "give labels), a folder of clips (--clips), a .parquet file, 'demo' (sklearn digits into OUT_DIR/train "
-        "and OUT_DIR/test) or 'demo-clips' (the train digits moving on a 32x32 canvas as 8-frame clips into "
-        "OUT_DIR/clips, one labelled frame of each train / test clip into OUT_DIR/train / OUT_DIR/test).",
+        description="Write WebDataset shards plus manifest.parquet from an image folder (class subfolders give "
+        "labels), a folder of clips (--clips), a .parquet file, or a named source: "
+        + "; ".join(f"'{name}' ({source.description})" for name, source in sources.items()) + ".",
     )
     parser.add_argument(
         "source", metavar="SOURCE", nargs="?",
-        help="an image or clip folder, a .parquet file, or the word 'demo' or 'demo-clips'",
+        help=f"an image or clip folder, a .parquet file, or a named source ({', '.join(map(repr, sources))})",
     )
+    parser.add_argument("--list-sources", action="store_true", help="print the named sources, then exit")
     parser.add_argument("out_dir", metavar="OUT_DIR", nargs="?", help="output directory")
     parser.add_argument("--verify", metavar="DIR", default=None,
                         help="instead of converting: read every sample of the shard directory DIR and check its bytes "
@@ -63,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples-per-shard",
         type=_positive_int,
         default=None,
-        help=f"default {SAMPLES_PER_SHARD} ({DEMO_SAMPLES_PER_SHARD} for demo)",
+        help=f"default {SAMPLES_PER_SHARD} (a named source's own, 100 for the demos)",
     )
     parser.add_argument(
         "--test-fraction",
@@ -107,6 +105,10 @@ def make_shards(argv: Sequence[str] | None = None) -> list[ShardSet]:
     """Run the command (raises MaskrayError on bad input); prints one summary line per written directory."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list_sources:
+        for name, source in named_sources().items():
+            print(f"{name}: {source.description}")
+        return []
     if args.verify is not None:
         if args.source or args.out_dir:
             parser.error("--verify DIR takes no SOURCE or OUT_DIR")
@@ -125,7 +127,8 @@ def make_shards(argv: Sequence[str] | None = None) -> list[ShardSet]:
                             "(same arguments) or --overwrite to start again")
         if not args.resume:
             check_out_dir(out_dir, args.overwrite)  # refuse before reading the source or writing anything
-    default_per_shard = DEMO_SAMPLES_PER_SHARD if args.source in DEMOS else SAMPLES_PER_SHARD
+    named = named_sources().get(args.source)
+    default_per_shard = named.samples_per_shard if named else SAMPLES_PER_SHARD
     written, skipped = [], []
     for out_dir, (source, indices) in zip(out_dirs, _plan(args), strict=True):
         done = convert(
@@ -133,8 +136,8 @@ def make_shards(argv: Sequence[str] | None = None) -> list[ShardSet]:
             workers=args.workers, resume=args.resume, overwrite=args.overwrite,
         )
         shards = done.shards
-        if args.clips or (args.source == "demo-clips" and out_dir == out_dirs[0]):
-            frames = pc.sum(read_manifest(out_dir, key="OUT")["frames"]).as_py()
+        frames = pc.sum(read_manifest(out_dir, key="OUT")["frames"]).as_py()
+        if args.clips or frames > shards.num_samples:  # clips (an image is one frame)
             counts = f"{shards.num_samples} clips ({frames} frames)"
         else:
             counts = f"{shards.num_samples} samples"
@@ -177,9 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _out_dirs(args: argparse.Namespace) -> list[Path]:
     """The shard directories to write: OUT_DIR/train and OUT_DIR/test for a split, else OUT_DIR."""
     out = Path(args.out_dir)
-    if args.source == "demo-clips":
-        return [out / "clips", out / "train", out / "test"]
-    return [out / "train", out / "test"] if args.source == "demo" or args.test_fraction > 0 else [out]
+    named = named_sources().get(args.source)
+    if named:
+        return [out / subdir for subdir in named.subdirs]
+    return [out / "train", out / "test"] if args.test_fraction > 0 else [out]
 
 
 def _plan(args: argparse.Namespace) -> list[tuple[Source, np.ndarray]]:
@@ -188,16 +192,14 @@ def _plan(args: argparse.Namespace) -> list[tuple[Source, np.ndarray]]:
     for option in ("clip_format", "frame_step", "frame_size", "clip_length"):
         if getattr(args, option) and not args.clips:
             raise DataError(f"--{option.replace('_', '-')} applies only with --clips")
-    if args.source in DEMOS:
+    named = named_sources().get(args.source)
+    if named:
         if args.test_fraction or args.image_column or args.label_column or args.clips:
-            raise DataError(f"SOURCE: '{args.source}' has a fixed 50/50 split, no columns to choose and no --clips")
-        if args.source == "demo":
-            sources = (demo("train", mode), demo("test", mode))
-        else:
-            if args.mode:
-                raise DataError("--mode applies to images, not 'demo-clips' (grey clips and frames)")
-            sources = (demo_clips("train"), demo_clips("train", as_frames=True), demo_clips("test", as_frames=True))
-        return [(src, np.arange(src.total)) for src in sources]
+            raise DataError(f"SOURCE: '{args.source}' has fixed splits, no columns to choose and no --clips")
+        if args.mode and not named.modes:
+            raise DataError(f"--mode does not apply to '{args.source}' (it keeps its own modes)")
+        splits = named.splits(mode)
+        return [(splits[subdir], np.arange(splits[subdir].total)) for subdir in named.subdirs]
     path = Path(args.source)
     if args.mode and args.clips:
         raise DataError("--mode applies to images, not --clips (clips are stored as grey or RGB)")
@@ -213,7 +215,8 @@ def _plan(args: argparse.Namespace) -> list[tuple[Source, np.ndarray]]:
     elif path.exists():
         raise DataError(f"SOURCE: '{path}' is neither a directory nor a .parquet file")
     else:
-        raise DataError(f"SOURCE: '{path}' does not exist (expected an image folder, a .parquet file or 'demo')")
+        raise DataError(f"SOURCE: '{path}' does not exist (expected an image folder, a .parquet file or one of "
+                        f"the named sources {', '.join(map(repr, named_sources()))})")
     if args.test_fraction > 0:
         train, test = split_indices(source.labels, args.test_fraction, seed=SPLIT_SEED)
         if source.groups is not None:  # the pieces of a video together, so that it is decoded once

@@ -1,8 +1,12 @@
-"""Datasets that can be converted into shards: an image folder, a folder of clips, a Parquet file, or the
-sklearn digits demo.
+"""Datasets that can be converted into shards: an image folder, a folder of clips, a Parquet file, or a named
+source (the sklearn digits demo, its moving-digit clips, and any other registered one).
 
 Each function returns a :class:`Source`: labels and class names are known up front (for stratified
 splits and the manifest), samples are loaded one at a time in any order (``Source.samples(indices)``).
+
+Named sources are datasets generated here or shipped inside a package, written by ``make_shards.py NAME
+OUT_DIR``: one :func:`register_source` call adds one (in this module, or in a package that declares it under
+the entry-point group ``maskray.sources``), and the command lists, plans and writes it with no other edit.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import io
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +332,58 @@ def demo_clips(split: str, as_frames: bool = False) -> Source:
     description = (f"sklearn load_digits moving on a {DEMO_CLIP_CANVAS}x{DEMO_CLIP_CANVAS} canvas, {what} clip, "
                    f"{split} half of a stratified 50/50 split (random_state=0)")
     return Source(description, labels[index], tuple(str(c) for c in range(10)), load)
+
+
+@dataclass(frozen=True)
+class NamedSource:
+    """A dataset written by name: ``splits(mode)`` gives the :class:`Source` of each shard directory ``subdirs``
+    under OUT_DIR (``mode``: ``--mode``, ``keep`` when not given; ``modes`` False refuses ``--mode``)."""
+
+    name: str
+    description: str
+    subdirs: tuple[str, ...]
+    splits: Callable[[str], dict[str, Source]]
+    modes: bool = True
+    samples_per_shard: int = 100  # small shards: every rank and loader worker of a demo run gets some
+
+
+NAMED_SOURCES: dict[str, NamedSource] = {}
+
+
+def register_source(name: str, description: str, subdirs: tuple[str, ...] = ("train", "test"), modes: bool = True,
+                    samples_per_shard: int = 100) -> Callable[[Callable[[str], dict[str, Source]]],
+                                                          Callable[[str], dict[str, Source]]]:
+    """Decorator: ``@register_source("demo", "...") def splits(mode) -> {"train": Source, "test": Source}``
+    makes ``make_shards.py demo OUT_DIR`` write each split into ``OUT_DIR/<subdir>``."""
+
+    def register(splits: Callable[[str], dict[str, Source]]) -> Callable[[str], dict[str, Source]]:
+        if name in NAMED_SOURCES and NAMED_SOURCES[name].splits is not splits:
+            raise ValueError(f"source {name!r} is already registered")
+        NAMED_SOURCES[name] = NamedSource(name, description, tuple(subdirs), splits, modes, samples_per_shard)
+        return splits
+
+    return register
+
+
+def named_sources() -> dict[str, NamedSource]:
+    """Every registered named source, those of the ``maskray.sources`` entry points included, by name."""
+    for point in entry_points(group="maskray.sources"):
+        point.load()
+    return dict(sorted(NAMED_SOURCES.items()))
+
+
+@register_source("demo", "scikit-learn's digits (8x8 grey, 10 classes), a stratified 50/50 split into "
+                 "OUT_DIR/train and OUT_DIR/test")
+def _demo_splits(mode: str) -> dict[str, Source]:
+    return {"train": demo("train", mode), "test": demo("test", mode)}
+
+
+@register_source("demo-clips", f"the train digits moving on a {DEMO_CLIP_CANVAS}x{DEMO_CLIP_CANVAS} canvas as "
+                 f"{DEMO_CLIP_FRAMES}-frame clips into OUT_DIR/clips, one labelled frame of each train / test clip "
+                 "into OUT_DIR/train / OUT_DIR/test", subdirs=("clips", "train", "test"), modes=False)
+def _demo_clip_splits(mode: str) -> dict[str, Source]:
+    return {"clips": demo_clips("train"), "train": demo_clips("train", as_frames=True),
+            "test": demo_clips("test", as_frames=True)}
 
 
 def _image_files(root: Path) -> Iterator[Path]:

@@ -141,8 +141,8 @@ class MaskedViTCfg(BaseModel):
     layer_scale: float | None = Field(None, gt=0.0, description="LayerScale init (timm init_values); null: none, "
                                       "whatever the arch's default")
     rel_pos_bias: RelPosBias = Field(
-        "none", validate_default=True, description="BEiT relative position bias (timm Beit archs only): one table shared by all blocks, one "
-        "per block, or both added (as DTM)"
+        "none", validate_default=True, description="BEiT relative position bias (timm Beit archs only): one table "
+        "shared by all blocks, one per block, or both added (as DTM)"
     )
 
     @field_validator("patch_size")
