@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 
 from maskray.config import project_root  # noqa: E402
-from maskray.data import infinite_batches, resolve_shards  # noqa: E402
+from maskray.data import LoaderOptions, infinite_batches, resolve_shards  # noqa: E402
 from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets  # noqa: E402
 from maskray.models import build_encoder  # noqa: E402
 from maskray.models.pretrained import hf_vitmae_checkpoint_filter_fn  # noqa: E402
@@ -63,9 +63,9 @@ def run(library: str, seed: int, args: argparse.Namespace) -> dict:
         f"data.shards={args.shards / 'train'}", f"eval.train_shards={args.shards / 'train'}",
         f"eval.test_shards={args.shards / 'test'}"))
     objective = peers.maskray_objective(arch)
+    options = LoaderOptions(args.batch, num_workers=0, resampled=True, shuffle_buffer=config.data.shuffle_buffer)
     batches = infinite_batches(resolve_shards(config.data.shards), objective.inputs(config.model, config.data),
-                               batch_size=args.batch, num_workers=0, resampled=True,
-                               shuffle_buffer=config.data.shuffle_buffer, seed=seed * 1_000_003)
+                               options, seed=seed * 1_000_003)
     busy, losses = 0.0, []
     for _ in range(args.steps):
         images = next(batches)["image"]

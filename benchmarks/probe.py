@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from maskray.checkpoint import encoder_from_state
 from maskray.config import load_config
 from maskray.context import RankRandomness, StepContext
-from maskray.data import infinite_batches, resolve_shards
+from maskray.data import LoaderOptions, infinite_batches, resolve_shards
 from maskray.engine.deepspeed_setup import build_optimizer, build_scheduler, encoder_state
 from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
 from maskray.models import build_encoder
@@ -54,10 +54,10 @@ def main(argv: list[str]) -> dict:
     optimizer = build_optimizer(objective, config, world_size=1)
     scheduler = build_scheduler(optimizer, config)
     randomness = RankRandomness(config.train.seed, 0, torch.device("cpu"))
-    batches = infinite_batches(
-        resolve_shards(config.data.shards), objective.inputs(config.model, config.data),
-        batch_size=config.global_batch(), rank=0, world_size=1, num_workers=0, resampled=config.data.resampled,
-        shuffle_buffer=config.data.shuffle_buffer, seed=config.train.seed)
+    options = LoaderOptions(config.global_batch(), num_workers=0, resampled=config.data.resampled,
+                            shuffle_buffer=config.data.shuffle_buffer)
+    batches = infinite_batches(resolve_shards(config.data.shards), objective.inputs(config.model, config.data),
+                               options, seed=config.train.seed)
     steps, start = config.train.steps, time.perf_counter()
     for step in range(steps):
         ctx = StepContext(step, steps, 0, 1, seed=config.train.seed, generator=randomness.generator)

@@ -25,6 +25,7 @@ from PIL import Image
 from maskray.data import (
     MANIFEST_NAME,
     ImageTransform,
+    LoaderOptions,
     Sample,
     Views,
     build_loader,
@@ -262,13 +263,13 @@ def test_resampled_is_deterministic_with_full_batches(tmp_path):
 
 def test_infinite_batches_crosses_epochs_and_rejects_starved_ranks(tmp_path):
     shards = _write(tmp_path, 53, 10)
-    stream = infinite_batches(shards, EVAL, batch_size=16, num_workers=0, shuffle_buffer=8)
+    stream = infinite_batches(shards, EVAL, LoaderOptions(16, num_workers=0, shuffle_buffer=8))
     epochs = [[key for batch in itertools.islice(stream, 3) for key in batch["key"]] for _ in range(2)]
     assert len(epochs[0]) == len(epochs[1]) == 48 and epochs[0] != epochs[1]
-    big = next(infinite_batches(shards, EVAL, batch_size=64, num_workers=0))  # spans two epochs
+    big = next(infinite_batches(shards, EVAL, LoaderOptions(64, num_workers=0)))  # spans two epochs
     assert len(big["key"]) == 64 and len(set(big["key"])) == 53
     with pytest.raises(DataError, match="rank 6 gets no shard"):  # 6 shards, 7 ranks
-        next(infinite_batches(shards, EVAL, batch_size=8, rank=6, world_size=7, num_workers=0))
+        next(infinite_batches(shards, EVAL, LoaderOptions(8, num_workers=0), rank=6, world_size=7))
 
 
 def test_loader_pipeline_and_transforms_pickle(tmp_path):

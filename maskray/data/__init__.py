@@ -7,7 +7,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from maskray.data.manifest import MANIFEST_NAME, ShardSet, read_manifest, resolve_shards
-from maskray.data.reader import batch_size, build_loader, collate, infinite_batches, steps_per_epoch
+from maskray.data.reader import LoaderOptions, batch_size, build_loader, collate, infinite_batches, steps_per_epoch
 from maskray.data.sample import DecodedSample
 from maskray.data.sources import (
     Source,
@@ -43,6 +43,7 @@ __all__ = [
     "DecodedSample",
     "FramePair",
     "ImageTransform",
+    "LoaderOptions",
     "MultiCrop",
     "Photometric",
     "RandomMask",

@@ -33,7 +33,7 @@ import logging
 import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -111,20 +111,28 @@ def build_loader(
     return loader
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a rank's loader reads its stream (:func:`build_loader`'s keywords of the same names), built once from the
+    run's ``data`` section by :meth:`of`."""
+
+    batch_size: int
+    num_workers: int = 1
+    resampled: bool = False
+    shuffle_buffer: int = 0
+    verify: bool = False
+    multiprocessing_context: str | None = None
+
+    @classmethod
+    def of(cls, data: Any) -> LoaderOptions:
+        """From a :class:`maskray.config.DataConfig` (loader processes start by forkserver)."""
+        return cls(data.batch_size, data.num_workers, data.resampled, data.shuffle_buffer, data.verify_sha256,
+                   "forkserver" if data.num_workers > 0 else None)
+
+
 def infinite_batches(
-    shards: ShardSet,
-    transform: Transform,
-    *,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 1,
-    resampled: bool = False,
-    shuffle_buffer: int = 0,
-    seed: int = 0,
-    start_epoch: int = 0,
-    multiprocessing_context: str | None = None,
-    verify: bool = False,
+    shards: ShardSet, transform: Transform, options: LoaderOptions, *, rank: int = 0, world_size: int = 1,
+    seed: int = 0, start_epoch: int = 0,
 ) -> Iterator[Batch]:
     """Full batches from epochs ``start_epoch``, ``start_epoch + 1``, ... forever, each epoch re-seeded.
 
@@ -132,28 +140,14 @@ def infinite_batches(
     stay in step even when their exact epochs differ in length. Raises DataError if this rank would get
     no shard at all (fewer shards than ranks x loader workers).
     """
-    workers = max(num_workers, 1)
-    if not resampled and len(shards.urls) <= rank * workers:
+    workers = max(options.num_workers, 1)
+    if not options.resampled and len(shards.urls) <= rank * workers:
         raise DataError(
             f"data.shards: rank {rank} gets no shard of '{shards.root}' ({len(shards.urls)} shards over "
             f"{world_size} ranks x {workers} loader workers); write more or smaller shards or use resampling"
         )
-    yield from build_loader(
-        shards,
-        transform,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        resampled=resampled,
-        shuffle_buffer=shuffle_buffer,
-        seed=seed,
-        epoch=start_epoch,
-        drop_last=True,
-        multiprocessing_context=multiprocessing_context,
-        epochs=None,
-        verify=verify,
-    )
+    yield from build_loader(shards, transform, rank=rank, world_size=world_size, seed=seed, epoch=start_epoch,
+                            drop_last=True, epochs=None, **asdict(options))
 
 
 def _global_worker(rank: int, world_size: int) -> tuple[int, int]:

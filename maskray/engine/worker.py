@@ -35,17 +35,17 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
 from maskray.checkpoint import encoder_from_state
-from maskray.config import Config, DataConfig
+from maskray.config import Config
 from maskray.context import RankRandomness, StepContext
 from maskray.data import infinite_batches, resolve_shards
 from maskray.data.health import DataHealth, stop_note_location
+from maskray.data.reader import LoaderOptions
 from maskray.data.transforms import channel_stats
 from maskray.distributed import gathered
 from maskray.engine.deepspeed_setup import build_engine, encoder_state, use_bf16
@@ -170,8 +170,8 @@ class WorkerRun:
         run.health = DataHealth(config.data.max_bad_fraction, run.rank, run.device,
                                 stop_note_location(config.tracking.storage_path, context.get_experiment_name()))
         run.batches = run.health.watch(infinite_batches(
-            run.shards, run.transform, rank=run.rank, world_size=run.world,
-            seed=config.train.seed * 1_000_003 + run.start, **loader_options(config.data),
+            run.shards, run.transform, LoaderOptions.of(config.data), rank=run.rank, world_size=run.world,
+            seed=config.train.seed * 1_000_003 + run.start,
         ))
         run.stats = WindowStats(run.device)
         run.skipped_total = run.bad_total = 0.0
@@ -296,13 +296,6 @@ class WorkerRun:
                     self.logger.log_artifacts(directory)
         if dist.is_initialized():
             dist.barrier()
-
-
-def loader_options(data: DataConfig) -> dict[str, Any]:
-    """The loader's settings from ``data`` (:func:`~maskray.data.infinite_batches` keywords), built in one place."""
-    return dict(batch_size=data.batch_size, num_workers=data.num_workers, resampled=data.resampled,
-                shuffle_buffer=data.shuffle_buffer, verify=data.verify_sha256,
-                multiprocessing_context="forkserver" if data.num_workers > 0 else None)
 
 
 def train_loop_per_worker(loop_config: dict) -> str | MaskrayError | None:
