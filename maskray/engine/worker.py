@@ -130,7 +130,11 @@ LOST_DATA = "data.max_bad_fraction"  # why train() stopped when too much data wa
 
 
 class WorkerRun:
-    """One rank's training run (see the module docstring for its stages). Build it with :meth:`set_up`."""
+    """One rank's training run (see the module docstring for its stages). Build it with :meth:`set_up`, which
+    sets its parts: ``encoder``, ``objective``, ``transform``, ``shards``, ``eval_sets`` (rank 0's k-NN shard
+    sets, None elsewhere or when k-NN is off), ``randomness``, ``engine``, ``dtype``, ``start`` (the step to
+    resume at), ``run_id``, ``logger`` / ``held`` (rank 0's MLflow logger and held metrics), ``stop``, ``health``,
+    ``batches`` and the log window's ``stats``."""
 
     def __init__(self, spec: RunSpec, rank: int, world: int, device: torch.device, last_step: int) -> None:
         self.spec, self.config = spec, spec.config
@@ -151,6 +155,7 @@ class WorkerRun:
             run.objective = build_objective(config.objective.name, spec.objective, run.encoder)
             run.transform = run.objective.inputs(config.model, config.data)
             run.shards = resolve_shards(config.data.shards)
+            run.eval_sets = eval_shard_sets(config.eval) if run.rank == 0 else None  # rank 0 evaluates
         run.initial_weights = run.encoder.timm_state_dict() if run.rank == 0 else None
         run.randomness = RankRandomness(config.train.seed, run.rank, run.device)
         bf16 = use_bf16(config, run.device)
@@ -180,16 +185,11 @@ class WorkerRun:
     def baseline(self) -> None:
         """Rank 0: the k-NN of the initial encoder, once per run (not after a resume)."""
         with failing_together(self.device):
-            eval_sets = self.eval_sets()
-            if self.held and eval_sets and self.start == 0 and self.config.eval.random_init:
+            if self.held and self.eval_sets and self.start == 0 and self.config.eval.random_init:
                 baseline = encoder_from_state(self.config, self.initial_weights).to(self.device)
-                metrics = encoder_knn_metrics(baseline, eval_sets, self.config, self.device)
+                metrics = encoder_knn_metrics(baseline, self.eval_sets, self.config, self.device)
                 self.held.add({f"{key}_random_init": value for key, value in metrics.items()}, 0)
         self.initial_weights = None
-
-    def eval_sets(self):
-        """The k-NN shard sets (rank 0; None when k-NN is off or on other ranks)."""
-        return eval_shard_sets(self.config.eval) if self.rank == 0 else None
 
     def log_window(self, done: int) -> bool:
         """Collective: reduce and hold the window's metrics at step ``done``, print rank 0's line, check the data's
@@ -215,10 +215,9 @@ class WorkerRun:
     def evaluate(self, weights: dict[str, torch.Tensor], step: int) -> None:
         """Rank 0: the k-NN of the encoder ``weights`` (its timm state dict), held for step ``step``."""
         with failing_together(self.device):
-            eval_sets = self.eval_sets()
-            if self.held and eval_sets:
+            if self.held and self.eval_sets:
                 trained = encoder_from_state(self.config, weights).to(self.device)
-                self.held.add(encoder_knn_metrics(trained, eval_sets, self.config, self.device), step)
+                self.held.add(encoder_knn_metrics(trained, self.eval_sets, self.config, self.device), step)
 
     def checkpoint(self, weights: dict[str, torch.Tensor], done: int) -> None:
         """Collective: every rank saves its training state for step ``done`` and reports it to Ray Train; the held
