@@ -77,7 +77,8 @@ class DataConfig(Section):
 
 
 class ObjectiveConfig(BaseModel):
-    """``name`` picks a registered objective; the other keys are validated by that objective's Config."""
+    """``name`` picks a registered objective; the other keys are kept as given here and validated into that
+    objective's typed Config by the run specification (:func:`maskray.run_spec.build_run_spec`)."""
 
     model_config = ConfigDict(extra="allow")
 
