@@ -9,6 +9,7 @@ from pydantic import Field
 from maskray.errors import ConfigError
 from maskray.models import MaskedViT
 from maskray.objective import register_objective
+from maskray_testing import on_a_training_worker
 from objectives.mae import MAE, MAEParams
 
 
@@ -22,7 +23,7 @@ class WorkerError(MAE):
     Config = WorkerErrorParams
 
     def __init__(self, encoder: MaskedViT, params: WorkerErrorParams) -> None:
-        if dist.is_initialized():
+        if on_a_training_worker():
             if params.attempts_file:
                 with open(params.attempts_file, "a") as attempts:
                     attempts.write(f"rank {dist.get_rank()}\n")
