@@ -574,3 +574,34 @@ def test_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all masking kernels compiled" in proc.stdout
+
+
+def test_compiled_reference_where_a_kernel_lost(monkeypatch):
+    """An op listed for a GPU (``ops.COMPILED_REFERENCE``) or in ``MASKRAY_MASKING_COMPILED`` runs ``torch.compile``
+    of its reference there; CPU tensors never do."""
+
+    class OnCuda:  # what prefers_compiled_reference reads of a tensor
+        device = torch.device("cuda", 0)
+
+    monkeypatch.delenv(ops.COMPILED_ENV, raising=False)
+    monkeypatch.setattr(ops, "_device_name", lambda index: "NVIDIA H100 80GB HBM3")
+    assert not ops.prefers_compiled_reference("masked_patch_loss", OnCuda())
+    monkeypatch.setattr(ops, "COMPILED_REFERENCE", {"H100": frozenset({"masked_patch_loss"})})
+    assert ops.prefers_compiled_reference("masked_patch_loss", OnCuda())
+    assert not ops.prefers_compiled_reference("decoder_unshuffle", OnCuda())
+    assert not ops.prefers_compiled_reference("masked_patch_loss", torch.empty(1))
+    monkeypatch.setenv(ops.COMPILED_ENV, "none")  # the env overrides the table (the GPU suite measures kernels)
+    assert not ops.prefers_compiled_reference("masked_patch_loss", OnCuda())
+    monkeypatch.setenv(ops.COMPILED_ENV, "decoder_unshuffle, masked_patch_loss")
+    assert ops.prefers_compiled_reference("decoder_unshuffle", OnCuda())
+    # the dispatch: the compiled reference, compiled once per op
+    compiled = []
+    monkeypatch.setattr(ops, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    monkeypatch.setattr(ops, "prefers_compiled_reference", lambda op, tensor: op == "masked_patch_loss")
+    masking = _masking(2, 24, 0.75)
+    images, pred = torch.randn(2, 3, 16, 24), torch.randn(2, 24, 48)
+    for _ in range(2):
+        loss = ops.masked_patch_loss(pred, images, masking.mask, 4)
+    assert compiled == [ref.masked_patch_loss_reference]
+    torch.testing.assert_close(loss, ref.masked_patch_loss_reference(pred, images, masking.mask, 4))
