@@ -61,8 +61,9 @@ test: install
 	$(PY) -m pytest -q
 
 # .whl/: the wheels the GPU suite (benchmarks/gpu/run.sh) needs and the GPU machine lacks, cp312 manylinux x86-64, at
-# this venv's versions (CONTRIBUTING.md: running the GPU suite).
-gpu-wheels: install
+# this venv's versions (CONTRIBUTING.md: running the GPU suite). An existing venv is only read, never reinstalled.
+gpu-wheels:
+	test -x $(PY) || $(MAKE) install
 	PY=$(PY) bash benchmarks/gpu/wheels.sh
 
 lint: install

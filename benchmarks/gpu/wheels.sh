@@ -10,6 +10,8 @@ DEST=${DEST:-.whl}
 PACKAGES=(pydantic pydantic-core annotated-types typing-inspection typing-extensions hjson webdataset braceexpand
           lightly hydra-core omegaconf)
 BUILT=(deepspeed antlr4-python3-runtime)
+# this machine's pip config may name local indexes that do not exist: pip warns of each, which says nothing here
+exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 version() { "$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
 rm -rf "$DEST"
 mkdir -p "$DEST"
