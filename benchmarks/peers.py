@@ -121,7 +121,7 @@ class MaskrayStep:
         bf16 = use_bf16(self.config, device)
         self.engine = build_engine(self.objective, self.config, world_size=1, bf16=bf16)
         self.dtype = torch.bfloat16 if bf16 else torch.float32
-        self.randomness = RankRandomness(seed, 0)
+        self.randomness = RankRandomness(seed, 0, device)  # the masks' generator on the images' device
         self.step_index = 0
 
     def __call__(self, images: torch.Tensor) -> float:
