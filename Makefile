@@ -7,7 +7,7 @@ DEMO_DATA := data/demo
 DEMO_CONFIG := configs/demo/mae.yaml
 DTM_TEACHER := runs/teachers/mae_demo.safetensors
 
-.PHONY: install demo demo-data demo-job demo-teacher demo-dtm demo-beitv2 test lint clean
+.PHONY: install demo demo-data demo-job demo-teacher demo-dtm demo-beitv2 test lint clean gpu-wheels
 
 $(DEPS_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -59,6 +59,12 @@ demo-job: demo-data
 
 test: install
 	$(PY) -m pytest -q
+
+# .whl/: the wheels the GPU suite (benchmarks/gpu/run.sh) needs and the GPU machine lacks, cp312 manylinux x86-64, at
+# this venv's versions (CONTRIBUTING.md: running the GPU suite). An existing venv is only read, never reinstalled.
+gpu-wheels:
+	test -x $(PY) || $(MAKE) install
+	PY=$(PY) bash benchmarks/gpu/wheels.sh
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -3,6 +3,9 @@
 For each model (ViT-S/16, ViT-B/16 at 224) and batch size it times, forward and forward+backward:
 
 - ``indices``: per-image random masking (argsort x2 + mask gather  vs  ``random_mask_indices``);
+- ``gather``: the visible-patch gather alone, forward (full patchify copy, then a gather with a ``.repeat``-ed
+  int64 index  vs  the Triton gather of the embedding, in the activation dtype; the reference's strided index on
+  CPU);
 - ``encoder``: masking + patch embedding + positions + CLS (full conv on all patches, +pos, argsort masking,
   gather with a ``.repeat``-ed int64 index, cat CLS  vs  ``random_mask_indices`` + ``embed_visible_patches``);
 - ``decoder``: decoder input (mask-token repeat, cat, repeat-index gather, cat, +pos  vs  ``decoder_unshuffle``);
@@ -15,12 +18,12 @@ reference of :mod:`maskray.masking.reference` on CPU.
 
 GB/s are *effective*: the bytes a fused implementation must move (visible inputs read once, outputs written
 once, see ``op_bytes``) divided by the measured time, the same byte count for every implementation. On a GPU
-the percentage is of the datasheet HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s) or, for other GPUs, of a
-measured device copy.
+the percentage is of the device-to-device copy bandwidth measured at the start of the same run (bytes read and
+written, a 1 GiB ``clone``); the datasheet HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s) is printed beside it.
 
 Usage: ``python benchmarks/masking.py`` (GPU: both models, batch 64 and 256, bf16 autocast, torch.compile on;
-CPU: ViT-S/16, batch 64, fp32, 7 reps, no compile). Flags pick smaller sets. The last line printed is one JSON
-object with every figure.
+CPU: ViT-S/16, batch 64, fp32, 7 reps, no compile). Flags pick smaller sets (``--img-size`` a smaller image).
+The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -85,6 +88,12 @@ def mae_encoder_input(images, noise, weight, bias, pos_embed, cls_token, keep: i
     return x, mask, ids_restore
 
 
+def mae_gather(images, ids_keep, patch: int):
+    """MAE's visible patches: every patch copied out (patchify), then a gather with a repeated int64 index."""
+    x = mae_patchify(images, patch)
+    return torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, x.shape[-1]))
+
+
 def mae_decoder_input(x, ids_restore, mask_token, pos_embed):
     """mask_token.repeat -> cat -> gather with a repeated index -> cat CLS -> + pos."""
     batch, length = ids_restore.shape
@@ -126,6 +135,19 @@ def maskray_indices(noise, keep: int):
 def maskray_encoder_input(images, noise, weight, bias, pos_embed, cls_token, keep: int):
     m = ops.random_mask_indices(noise, keep)
     return ops.embed_visible_patches(images, m.ids_keep, weight, bias, pos_embed, cls_token), m.mask, m.ids_restore
+
+
+def maskray_gather(images, ids_keep, patch: int):
+    """The embedding's visible-patch gather: the Triton kernel (in the autocast dtype) on CUDA, else the
+    reference's strided index."""
+    if ops.use_triton(images, ids_keep):
+        from maskray.masking.triton._common import compute_dtype
+
+        dtype = compute_dtype(images.device, images.dtype)
+        return ops._backend().gather_patches(images, ids_keep, patch, dtype)
+    from maskray.masking.reference import gather_patches_chw
+
+    return gather_patches_chw(images, ids_keep, patch)
 
 
 def maskray_decoder_input(x, ids_restore, mask_token, pos_embed):
@@ -180,6 +202,8 @@ def op_bytes(op: str, batch: int, length: int, keep: int, dim: int, chans: int, 
     ids = batch * (keep + 2 * length) * 8 + batch * length * 4  # ids_keep, ids_restore (int64), mask, noise
     if op == "indices":
         return ids, 0
+    if op == "gather":  # fp32 visible pixels read once, written once in the activation dtype
+        return batch * keep * pdim * (4 + act_bytes) + batch * keep * 8, 0
     if op == "encoder":
         fwd = batch * keep * pdim * 4 + batch * (1 + keep) * dim * act_bytes + dim * pdim * 4 + ids
         bwd = batch * keep * pdim * 4 + batch * (1 + keep) * dim * act_bytes + dim * pdim * 4
@@ -195,32 +219,37 @@ def op_bytes(op: str, batch: int, length: int, keep: int, dim: int, chans: int, 
     raise ValueError(op)
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
+    """Bytes/s of a device-to-device ``clone`` of ``nbytes`` (bytes read plus bytes written)."""
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32)
+    ms = bench_group({"copy": lambda: src.clone()}, device, 20, 5)["copy"]
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
 def device_bandwidth(device: torch.device) -> tuple[float | None, str]:
+    """The copy bandwidth measured now (the percentages' 100 %) and a note with the datasheet figure."""
     if device.type != "cuda":
         return None, "n/a (CPU)"
     name = torch.cuda.get_device_name(device)
-    for key, value in DATASHEET_BW.items():
-        if key in name:
-            return value, f"{name} datasheet {value / 1e12:.2f} TB/s"
-    src = torch.empty(256 * 2**20, device=device, dtype=torch.float32)
-    ms = bench_group({"copy": lambda: src.clone()}, device, 20, 5)["copy"]
-    value = 2 * src.numel() * 4 / (ms * 1e-3)
-    return value, f"{name} measured copy {value / 1e12:.2f} TB/s"
+    value = copy_bandwidth(device)
+    sheet = next((f", datasheet {bw / 1e12:.2f} TB/s" for key, bw in DATASHEET_BW.items() if key in name), "")
+    return value, f"{name} measured copy {value / 1e12:.2f} TB/s{sheet}"
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
-def make_inputs(model: str, batch: int, device: torch.device, act_dtype: torch.dtype, ratio: float):
+def make_inputs(model: str, batch: int, device: torch.device, act_dtype: torch.dtype, ratio: float,
+                img_size: int = 224):
     cfg = MODELS[model]
     dim, patch = cfg["dim"], cfg["patch"]
-    grid = (224 // patch, 224 // patch)
+    grid = (img_size // patch, img_size // patch)
     length = grid[0] * grid[1]
     keep = num_visible(length, ratio)
     gen = torch.Generator(device="cpu").manual_seed(0)
     pdim = 3 * patch * patch
     inputs = dict(
-        images=torch.randn(batch, 3, 224, 224, generator=gen).to(device),
+        images=torch.randn(batch, 3, img_size, img_size, generator=gen).to(device),
         noise=torch.rand(batch, length, generator=gen).to(device),
         weight=(torch.randn(dim, 3, patch, patch, generator=gen) / pdim**0.5).to(device).requires_grad_(),
         bias=torch.zeros(dim, device=device).requires_grad_(),
@@ -235,14 +264,14 @@ def make_inputs(model: str, batch: int, device: torch.device, act_dtype: torch.d
 
 
 def run_case(model, batch, device, args, act_dtype, autocast, peak_bw):
-    inp, shape = make_inputs(model, batch, device, act_dtype, args.mask_ratio)
+    inp, shape = make_inputs(model, batch, device, act_dtype, args.mask_ratio, args.img_size)
     keep, patch, dim, length = shape["keep"], shape["patch"], shape["dim"], shape["length"]
-    mask = ops.random_mask_indices(inp["noise"], keep).mask
-    ids_restore = ops.random_mask_indices(inp["noise"], keep).ids_restore
+    masking = ops.random_mask_indices(inp["noise"], keep)
+    mask, ids_restore, ids_keep = masking.mask, masking.ids_restore, masking.ids_keep
     enc_params = [inp["weight"], inp["bias"], inp["cls"]]
 
     def ops_for(impl):
-        indices, encoder, decoder, loss = impl
+        indices, gather, encoder, decoder, loss = impl
         enc = lambda: encoder(inp["images"], inp["noise"], inp["weight"], inp["bias"], inp["pos"], inp["cls"], keep)
         dec = lambda: decoder(inp["dec_x"], ids_restore, inp["mask_token"], inp["dec_pos"])
         los = lambda: loss(inp["images"], inp["pred"], mask, patch)
@@ -262,12 +291,13 @@ def run_case(model, batch, device, args, act_dtype, autocast, peak_bw):
 
         return {
             "indices": (lambda: indices(inp["noise"], keep), None),
+            "gather": (lambda: gather(inp["images"], ids_keep, patch), None),
             "encoder": (enc, enc_fb),
             "decoder": (dec, dec_fb),
             "loss": (los, los_fb),
         }
 
-    impls = {"reference": (mae_indices, mae_encoder_input, mae_decoder_input, mae_loss)}
+    impls = {"reference": (mae_indices, mae_gather, mae_encoder_input, mae_decoder_input, mae_loss)}
     compile_note = None
     if args.compile:
         try:
@@ -276,7 +306,7 @@ def run_case(model, batch, device, args, act_dtype, autocast, peak_bw):
             compile_note = f"torch.compile unavailable: {err}"
     else:
         compile_note = "torch.compile skipped (CPU default; pass --compile to try)"
-    impls["maskray"] = (maskray_indices, maskray_encoder_input, maskray_decoder_input, maskray_loss)
+    impls["maskray"] = (maskray_indices, maskray_gather, maskray_encoder_input, maskray_decoder_input, maskray_loss)
 
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     act_bytes = torch.finfo(act_dtype).bits // 8
@@ -325,6 +355,8 @@ def run_case(model, batch, device, args, act_dtype, autocast, peak_bw):
                 fig["gbps_fwd_bwd"] = (fwd_b + bwd_b) / (fig["fwd_bwd_ms"] * 1e-3) / 1e9
             if peak_bw:
                 fig["pct_peak_fwd"] = 100 * fig["gbps_fwd"] * 1e9 / peak_bw
+                if "gbps_fwd_bwd" in fig:
+                    fig["pct_peak_fwd_bwd"] = 100 * fig["gbps_fwd_bwd"] * 1e9 / peak_bw
         mr = row["maskray"]
         for base in ("reference", "compiled"):
             if base in row:
@@ -352,7 +384,7 @@ def print_case(case):
             fig = row[impl]
             fb = f"{fig['fwd_bwd_ms']:11.3f}" if fig["fwd_bwd_ms"] is not None else f"{'-':>11s}"
             gfb = f"{fig['gbps_fwd_bwd']:9.1f}" if "gbps_fwd_bwd" in fig else f"{'-':>9s}"
-            pct = f"  ({fig['pct_peak_fwd']:.1f}% of peak)" if "pct_peak_fwd" in fig else ""
+            pct = f"  ({fig['pct_peak_fwd']:.1f}% of copy)" if "pct_peak_fwd" in fig else ""
             print(f"   {op:8s} {impl:10s} {fig['fwd_ms']:9.3f} {fb} {fig['gbps_fwd']:9.1f} {gfb}{pct}")
         ratios = [f"{k.replace('speedup_vs_', 'x vs ')}: {v:.2f}" for k, v in row.items() if k.startswith("speedup")]
         print(f"   {'':8s} ratio (baseline / maskray): " + ", ".join(ratios))
@@ -365,11 +397,14 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--no-grad-fwd", action="store_true", help="time forward under torch.no_grad")
+    parser.add_argument("--json-out", help="also write the JSON object to this file, rewritten after every case "
+                        "(a run stopped early keeps the cases done)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
@@ -390,17 +425,19 @@ def main(argv=None):
           f"peak {peak_note}")
     print("maskray path: " + ("Triton kernels" if ops.use_triton(torch.empty(1, device=device)) else
                               "PyTorch reference (maskray.masking.reference)"))
-    cases = []
+    cases: list[dict] = []
+    summary = dict(
+        benchmark="masking", device=str(device), machine=machine, torch=torch.__version__,
+        precision="bf16-autocast" if autocast else "fp32", mask_ratio=args.mask_ratio, img_size=args.img_size,
+        reps=args.reps, peak_bandwidth=peak_bw, peak_note=peak_note, cases=cases,
+    )
     for model in models:
         for batch in batches:
             case = run_case(model, batch, device, args, act_dtype, autocast, peak_bw)
             print_case(case)
             cases.append(case)
-    summary = dict(
-        benchmark="masking", device=str(device), machine=machine, torch=torch.__version__,
-        precision="bf16-autocast" if autocast else "fp32", mask_ratio=args.mask_ratio, reps=args.reps,
-        peak_bandwidth=peak_bw, peak_note=peak_note, cases=cases,
-    )
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps(summary) + "\n")
     print(json.dumps(summary))
 
 

@@ -10,7 +10,10 @@
   ``torch.optim.AdamW``.
 
 The peers run bf16 as their users do, under ``torch.autocast`` with fp32 weights; maskray under DeepSpeed's bf16
-mode (bf16 weights, fp32 master weights in the optimizer). All three: AdamW (0.9, 0.95), weight decay 0.05.
+mode (bf16 weights, fp32 master weights in the optimizer). All three: AdamW (0.9, 0.95), weight decay 0.05 (torch's
+fused kernel for all three on CUDA). ``device``: CPU (DeepSpeed's CPU accelerator, a gloo group) or CUDA (its CUDA
+accelerator, an NCCL group); set ``DS_ACCELERATOR`` before DeepSpeed is imported (``init_process_group`` does).
+Nothing here imports Ray or MLflow (the GPU suite runs it on a machine without them).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from maskray.objective import Objective, build_objective  # noqa: E402
 LIBRARIES = ("maskray", "hf", "lightly")
 # what each library's step imports before it builds a model (``import_library``)
 LIBRARY_MODULES = {
-    "maskray": ("timm", "deepspeed", "maskray.engine.deepspeed_setup", "maskray.engine.worker"),
+    "maskray": ("timm", "deepspeed", "maskray.engine.deepspeed_setup", "maskray.engine.step"),
     "hf": ("timm", "transformers.models.vit_mae.modeling_vit_mae"),
     "lightly": ("timm", "lightly.models.modules", "lightly.models.utils"),
 }
@@ -74,6 +77,7 @@ ARCHS = {
 
 def maskray_config(arch: Arch, batch: int, precision: str, steps: int, lr: float, extra: tuple[str, ...] = ()
                    ) -> Config:
+    """maskray's config of the MAE at ``arch``; ``extra``: more ``key=value`` overrides (``train.zero_stage=2``)."""
     return load_config(None, [
         f"model.arch={arch.timm}", f"model.img_size={arch.img_size}", f"model.patch_size={arch.patch_size}",
         f"model.depth={arch.depth}", "objective.name=mae", f"objective.mask_ratio={arch.mask_ratio}",
@@ -84,39 +88,40 @@ def maskray_config(arch: Arch, batch: int, precision: str, steps: int, lr: float
     ])
 
 
-def init_process_group() -> None:
-    """A world-size-1 gloo group for DeepSpeed in this process (once)."""
+def init_process_group(device: torch.device = CPU) -> None:
+    """A world-size-1 group for DeepSpeed in this process (once): gloo on CPU, NCCL on CUDA."""
+    os.environ.setdefault("DS_ACCELERATOR", device.type)
     import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed("gloo")
+    deepspeed.init_distributed("nccl" if device.type == "cuda" else "gloo")
 
 
 class MaskrayStep:
     """maskray's worker step: ``optimizer_step`` on the DeepSpeed engine of the ``mae`` objective."""
 
     def __init__(self, arch: Arch, batch: int, precision: str, steps: int = 1000, lr: float = 1.5e-4,
-                 seed: int = 0, warmup: int = 0) -> None:
+                 seed: int = 0, warmup: int = 0, device: torch.device = CPU, extra: tuple[str, ...] = ()) -> None:
+        init_process_group(device)
         from maskray.engine.deepspeed_setup import build_engine, use_bf16
 
-        init_process_group()
+        self.device = device
         self.config = maskray_config(arch, batch, precision, steps, lr, (f"optim.warmup_steps={warmup}",
-                                                                         f"train.seed={seed}"))
+                                                                         f"train.seed={seed}", *extra))
         torch.manual_seed(seed)
         self.objective: Objective = build_objective("mae", self.config.objective.params,
                                                     build_encoder(self.config.model))
-        bf16 = use_bf16(self.config, CPU)
+        bf16 = use_bf16(self.config, device)
         self.engine = build_engine(self.objective, self.config, world_size=1, bf16=bf16)
         self.dtype = torch.bfloat16 if bf16 else torch.float32
-        self.randomness = RankRandomness(seed, 0)
+        self.randomness = RankRandomness(seed, 0, device)  # the masks' generator on the images' device
         self.step_index = 0
 
     def __call__(self, images: torch.Tensor) -> float:
@@ -125,7 +130,7 @@ class MaskrayStep:
         batch = {"image": images, "key": [""] * images.shape[0], "label": torch.zeros(images.shape[0])}
         ctx = StepContext(self.step_index, self.config.train.steps, generator=self.randomness.generator)
         self.step_index += 1
-        return optimizer_step(self.engine, self.objective, iter([batch]), ctx, 1, CPU, self.dtype).loss
+        return optimizer_step(self.engine, self.objective, iter([batch]), ctx, 1, self.device, self.dtype).loss
 
     def encoder(self) -> nn.Module:
         return self.objective.encoder
@@ -193,17 +198,19 @@ class PeerStep:
     """zero_grad + forward (under bf16 autocast for ``bf16``) + loss + backward + AdamW for ``hf`` / ``lightly``."""
 
     def __init__(self, library: str, arch: Arch, precision: str, lr: float = 1.5e-4, seed: int = 0,
-                 warmup: int = 0, steps: int = 1000) -> None:
+                 warmup: int = 0, steps: int = 1000, device: torch.device = CPU) -> None:
         from maskray.schedules import warmup_cosine
 
         torch.manual_seed(seed)
         self.library = library
         self.model = hf_model(arch) if library == "hf" else LightlyMAE(arch)
-        self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+        self.model.to(device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05,
+                                           fused=device.type == "cuda" or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: warmup_cosine(step, 1.0, steps, warmup, 0.0))
-        self.autocast: Any = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        self.autocast: Any = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                              else nullcontext())
 
     def __call__(self, images: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -287,21 +294,26 @@ def copy_maskray_into_lightly(objective: Objective, model: LightlyMAE) -> None:
     model.decoder.load_state_dict(decoder, strict=True)
 
 
-def same_weights_losses(arch: Arch, batch: int = 2, seed: int = 0) -> dict[str, float]:
-    """fp32 losses of the three libraries on the same images, weights and mask (HF's weights copied into maskray,
-    maskray's into lightly); the mask is ranked from the noise that maskray's ``random`` pass draws."""
+def same_weights_losses(arch: Arch, batch: int = 2, seed: int = 0, device: torch.device = CPU,
+                        precision: str = "fp32") -> dict[str, float]:
+    """First-step losses of the three libraries on the same images, weights and mask (HF's weights copied into
+    maskray, maskray's into lightly), on ``device``, fp32 or under bf16 autocast; the mask is ranked from the noise
+    that maskray's ``random`` pass draws (a generator on ``device``)."""
     torch.manual_seed(seed)
-    hf = hf_model(arch).train()
-    objective = maskray_objective(arch).train()
+    hf = hf_model(arch).train().to(device)
+    objective = maskray_objective(arch).train().to(device)
     copy_hf_into_maskray(hf, objective)
-    lightly = LightlyMAE(arch).train()
+    lightly = LightlyMAE(arch).train().to(device)
     copy_maskray_into_lightly(objective, lightly)
     images = torch.randn(batch, 3, arch.img_size, arch.img_size, generator=torch.Generator().manual_seed(seed + 1))
-    noise = torch.rand(batch, arch.num_patches, generator=torch.Generator().manual_seed(seed + 2))
-    ctx = StepContext(0, 1, generator=torch.Generator().manual_seed(seed + 2))  # draws the same noise
-    with torch.no_grad():
+    images = images.to(device)
+    draws = lambda: torch.Generator(device=device).manual_seed(seed + 2)  # noqa: E731
+    noise = torch.rand(batch, arch.num_patches, generator=draws(), device=device)
+    ctx = StepContext(0, 1, generator=draws())  # draws the same noise
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    with torch.no_grad(), autocast:
         return {
-            "maskray": objective({"image": images}, ctx).loss.item(),
-            "hf": hf(pixel_values=images, noise=noise).loss.item(),
-            "lightly": lightly(images, noise).item(),
+            "maskray": objective({"image": images}, ctx).loss.float().item(),
+            "hf": hf(pixel_values=images, noise=noise).loss.float().item(),
+            "lightly": lightly(images, noise).float().item(),
         }

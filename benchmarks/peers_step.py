@@ -3,6 +3,11 @@
     python benchmarks/peers_step.py [--arch vit_s16 ...] [--batch 8] [--precision fp32 bf16] [--steps 4]
         [--warmup 1] [--rounds 2] [--libraries maskray hf lightly] [--no-check]
     python benchmarks/peers_step.py --profile maskray [--arch vit_s16] [--precision bf16] [--batch 8] [--rows 25]
+    python benchmarks/peers_step.py --device cuda --arch vit_b16 --precision bf16 --batch 256 --rounds 1
+
+``--device cuda``: the same on the GPU; memory is then ``torch.cuda.max_memory_allocated`` of the step (weights,
+gradients, optimizer state, activations), the matmul peak an 8192-square product, the same-weights check on the GPU
+in the first ``--precision``.
 
 One step = zero_grad + forward + loss + backward + AdamW on synthetic images (ViT-S/16 or ViT-B/16 at 224, decoder 8
 x 512 x 16 heads, mask 0.75, norm-pix). Each (library, arch, precision) runs in its own subprocess, so its peak RSS
@@ -42,15 +47,22 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MEMORY = ("peak_rss_mib", "training_mib")  # the largest over the rounds is kept
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of a ``size``-square matmul in ``dtype`` on all threads."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, size: int | None = None, repeats: int = 5, device: torch.device | str = "cpu"
+                ) -> float:
+    """Best FLOP/s of a ``size``-square matmul in ``dtype`` (all threads on CPU; default size 2048 on CPU, 8192 on
+    CUDA)."""
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         a @ b
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
@@ -74,29 +86,39 @@ def worker(args: argparse.Namespace) -> dict:
     """One library's run in this process: warm-up (the first counts FLOPs), timed steps, peak RSS and the
     training's memory above the imported library."""
     arch = peers.ARCHS[args.arch]
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        os.environ.setdefault("DS_ACCELERATOR", "cuda")
     peers.import_library(args.worker)
     imported = rss_mib()
-    step = peers.build_step(args.worker, arch, args.batch, args.precision)
+    step = peers.build_step(args.worker, arch, args.batch, args.precision, device=device)
     images = torch.randn(args.batch, 3, arch.img_size, arch.img_size, generator=torch.Generator().manual_seed(0))
-    flops = step_flops(step, images)
+    images = images.to(device)
+    flops = step_flops(step, images)  # every step ends in a host sync (its loss as a float): timings are complete
     for _ in range(args.warmup):
         step(images)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
         losses.append(step(images))
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"images_per_s": args.batch / statistics.median(times), "gflop_per_image": flops / args.batch / 1e9,
-            "peak_rss_mib": peak, "training_mib": peak - imported, "losses": losses}
+    result = {"images_per_s": args.batch / statistics.median(times), "gflop_per_image": flops / args.batch / 1e9,
+              "peak_rss_mib": peak, "training_mib": peak - imported, "losses": losses}
+    if device.type == "cuda":  # the device's memory is what counts there: the step's, weights and states included
+        result["training_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
 
 
 def profile(args: argparse.Namespace) -> None:
     from torch.profiler import profile as profiler
 
     arch = peers.ARCHS[args.arch]
-    step = peers.build_step(args.profile, arch, args.batch, args.precision)
+    step = peers.build_step(args.profile, arch, args.batch, args.precision, device=torch.device(args.device))
     images = torch.randn(args.batch, 3, arch.img_size, arch.img_size, generator=torch.Generator().manual_seed(0))
+    images = images.to(args.device)
     for _ in range(max(args.warmup, 1)):
         step(images)
     with profiler() as prof:
@@ -109,7 +131,8 @@ def profile(args: argparse.Namespace) -> None:
 
 def run_worker(library: str, arch: str, precision: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", library, "--arch", arch, "--precision", precision,
-               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--device", args.device]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -117,7 +140,7 @@ def run_worker(library: str, arch: str, precision: str, args: argparse.Namespace
     return json.loads(lines[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=["vit_s16"], choices=sorted(peers.ARCHS))
     parser.add_argument("--batch", type=int, default=8)
@@ -129,8 +152,10 @@ def main() -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the same-weights loss check")
     parser.add_argument("--profile", choices=peers.LIBRARIES, help="profile one step of this library instead")
     parser.add_argument("--rows", type=int, default=25, help="--profile: ops shown")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json-out", help="also write the final JSON object to this file")
     parser.add_argument("--worker", choices=peers.LIBRARIES, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.profile:
         args.arch, args.precision = args.arch[0], args.precision[-1]
         profile(args)
@@ -140,11 +165,16 @@ def main() -> None:
         print(json.dumps(worker(args)), flush=True)
         return
 
-    check = None if args.no_check else peers.same_weights_losses(peers.ARCHS[args.arch[0]])
+    device = torch.device(args.device)
+    check_precision = "fp32" if device.type == "cpu" else args.precision[0]
+    check = None if args.no_check else peers.same_weights_losses(peers.ARCHS[args.arch[0]], device=device,
+                                                                 precision=check_precision)
     if check:
-        print(f"same weights, images and mask ({args.arch[0]}, fp32): "
+        print(f"same weights, images and mask ({args.arch[0]}, {check_precision}, {device.type}): "
               + ", ".join(f"{lib} {loss:.6f}" for lib, loss in check.items()), flush=True)
-    peak = {name: matmul_peak(dtype) for name, dtype in DTYPES.items()}
+        if device.type == "cuda":  # the check's models leave the GPU before the steps' processes start
+            torch.cuda.empty_cache()
+    peak = {name: matmul_peak(dtype, device=device) for name, dtype in DTYPES.items()}
     cells: dict[tuple[str, str, str], dict] = {}
     libraries = list(args.libraries)
     for round_index in range(args.rounds):
@@ -162,9 +192,10 @@ def main() -> None:
                     cells[key] = {**fastest, **{name: max(result[name], best[name] if best else 0.0)
                                                 for name in MEMORY}}
     for name, dtype in DTYPES.items():
-        peak[name] = max(peak[name], matmul_peak(dtype))
+        peak[name] = max(peak[name], matmul_peak(dtype, device=device))
 
-    print(f"\nmatmul peak (2048^2, {torch.get_num_threads()} threads): "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"\nmatmul peak ({'8192' if device.type == 'cuda' else '2048'}^2, {where}): "
           + ", ".join(f"{name} {value / 1e9:.0f} GFLOP/s" for name, value in peak.items()))
     print("| arch | precision | library | images/s | peak RSS MiB | training MiB | GFLOP/image | % of matmul peak "
           "| maskray / library (img/s) | maskray / library (RSS) | maskray / library (training) |")
@@ -184,10 +215,14 @@ def main() -> None:
         ratios = " | ".join(f"{value:.2f}x" if value else "–" for value in (speed, memory, training))
         print(f"| {arch} | {precision} | {library} | {cell['images_per_s']:.2f} | {cell['peak_rss_mib']:.0f} "
               f"| {cell['training_mib']:.0f} | {cell['gflop_per_image']:.1f} | {100 * fraction:.0f} % | {ratios} |")
-    print(json.dumps({"benchmark": "peers_step", "host": platform.node(), "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "batch": args.batch, "steps": args.steps,
-                      "rounds": args.rounds, "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
-                      "same_weights_losses": check, "rows": rows}))
+    summary = json.dumps({"benchmark": "peers_step", "host": platform.node(), "torch": torch.__version__,
+                          "device": where, "threads": torch.get_num_threads(), "batch": args.batch,
+                          "steps": args.steps, "rounds": args.rounds,
+                          "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
+                          "same_weights_losses": check, "same_weights_precision": check_precision, "rows": rows})
+    if args.json_out:
+        Path(args.json_out).write_text(summary + "\n")
+    print(summary)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from helpers import free_port, local_s3, start_mlflow_server, stop_process
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # Read when @triton.jit decorates a kernel: set before anything imports Triton. Kernels only run on CPU
-# tensors when a test also sets MASKRAY_TRITON_INTERPRET=1 (tests/test_kernels.py).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# tensors when a test also sets MASKRAY_TRITON_INTERPRET=1 (tests/test_kernels.py). MASKRAY_TRITON_DEVICE=cuda
+# (the GPU suite, benchmarks/gpu/run.sh) leaves it unset: the kernel tests then run compiled kernels on the GPU.
+if os.environ.get("MASKRAY_TRITON_DEVICE", "cpu") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 REPO = Path(__file__).resolve().parents[1]
 # Test-only objectives (tests/plugins/maskray_testing), importable here and in Ray workers.
 PLUGINS = REPO / "tests" / "plugins"

@@ -4,6 +4,10 @@ The interpreter is chosen when ``@triton.jit`` decorates a kernel, so ``TRITON_I
 collection time, before the kernel package is imported (``import maskray`` never imports it). CPU calls through
 :mod:`maskray.masking.ops` only reach the kernels while ``MASKRAY_TRITON_INTERPRET=1`` is set, which the
 ``interpret`` fixture does per test, so other test files keep the plain PyTorch path.
+
+``MASKRAY_TRITON_DEVICE=cuda`` (the GPU suite, ``benchmarks/gpu/run.sh``): the same tests on a GPU with compiled
+kernels; the ``interpret`` fixture then makes CUDA the default device of the test instead (tensors, generators and
+modules are created there), and the reference runs on the GPU too.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE_NAME = os.environ.get("MASKRAY_TRITON_DEVICE", "cpu")
+if DEVICE_NAME != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,26 +32,52 @@ from maskray.masking import reference as ref  # noqa: E402
 from maskray.masking.indices import mask_indices_reference, num_visible  # noqa: E402
 from maskray.masking.triton import _common  # noqa: E402
 
+DEVICE = torch.device(DEVICE_NAME)
+ON_CUDA = DEVICE.type == "cuda"
 needs_interpreter = pytest.mark.skipif(
-    not tk.INTERPRET, reason="kernel package was imported without TRITON_INTERPRET=1 in this process"
+    not (tk.INTERPRET or (ON_CUDA and torch.cuda.is_available())),
+    reason="kernel package was imported without TRITON_INTERPRET=1 in this process (and no MASKRAY_TRITON_DEVICE=cuda)",
 )
 RATIOS = [0.0, 0.5, 0.75, 0.9]
 
 
 @pytest.fixture
 def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("MASKRAY_TRITON_INTERPRET", "1")
+    """The kernels' device for one test: CPU through the interpreter, or CUDA (``MASKRAY_TRITON_DEVICE=cuda``) as
+    the default device, with TF32 off so that fp32 kernels and fp32 references compare at fp32 tolerances."""
+    if not ON_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("MASKRAY_TRITON_INTERPRET", "1")
+        yield
+        return
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.set_default_device(DEVICE)
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def _gen(seed: int) -> torch.Generator:
+    """A seeded generator on the default device (the kernels' device inside ``interpret``; a CPU generator cannot
+    fill CUDA tensors)."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+
+
+def _use_reference(monkeypatch) -> None:
+    """From here on, :mod:`maskray.masking.ops` runs the PyTorch reference on every device."""
+    monkeypatch.setattr(ops, "use_triton", lambda *tensors: False)
 
 
 def _masking(batch: int, length: int, ratio: float, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = _gen(seed)
     noise = torch.rand(batch, length, generator=gen)
     return mask_indices_reference(noise, num_visible(length, ratio))
 
 
 def _embed_params(dim: int, channels: int, patch: int, length: int, seed: int = 0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
+    gen = _gen(seed)
     fan = channels * patch * patch
     weight = (torch.randn(dim, channels, patch, patch, generator=gen) / fan**0.5).to(dtype)
     bias = (0.1 * torch.randn(dim, generator=gen)).to(dtype)
@@ -148,8 +180,7 @@ def test_reference_matches_mae_sequence():
 @pytest.mark.parametrize("batch,length", [(1, 12), (3, 96), (2, 196)])
 @pytest.mark.parametrize("ratio", RATIOS)
 def test_random_mask_indices_equals_stable_argsort(interpret, batch, length, ratio):
-    gen = torch.Generator().manual_seed(length)
-    noise = torch.rand(batch, length, generator=gen)
+    noise = torch.rand(batch, length, generator=_gen(length))
     noise[:, ::3] = noise[:, :1]  # many ties: broken by index, like a stable sort
     keep = num_visible(length, ratio)
     got = ops.random_mask_indices(noise, keep)
@@ -370,7 +401,7 @@ def test_mae_forward_backward_through_kernels(interpret, monkeypatch):
         return loss, torch.autograd.grad(loss, params)
 
     loss_k, grads_k = step()
-    monkeypatch.delenv("MASKRAY_TRITON_INTERPRET")
+    _use_reference(monkeypatch)
     loss_r, grads_r = step()
     torch.testing.assert_close(loss_k, loss_r, atol=1e-5, rtol=1e-5)
     _assert_close_all(grads_k, grads_r, atol=1e-5, rtol=1e-4)
@@ -393,11 +424,45 @@ def test_smaller_view_through_kernels(interpret, monkeypatch):
         return tokens, torch.autograd.grad(tokens.square().sum(), params)
 
     tokens_k, grads_k = step()
-    monkeypatch.delenv("MASKRAY_TRITON_INTERPRET")
+    _use_reference(monkeypatch)
     tokens_r, grads_r = step()
     assert tokens_k.shape == (2, 3, enc.embed_dim)
     torch.testing.assert_close(tokens_k, tokens_r, atol=1e-5, rtol=1e-5)
     _assert_close_all(grads_k, grads_r, atol=1e-4, rtol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mae_step_kernels_match_reference_in_dtype(interpret, monkeypatch, dtype):
+    """The MAE ops of one step (masking, embedding, unshuffle, loss, backward) under autocast in ``dtype`` on the
+    kernels' device: the kernels' loss and gradients match the reference's within that dtype's rounding."""
+    from maskray.models.decoder import MAEDecoder
+    from maskray.models.vit import MaskedViT
+
+    torch.manual_seed(10)
+    enc = MaskedViT("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    dec = MAEDecoder(enc.embed_dim, enc.grid_size, 8 * 8 * 3, dim=32, depth=1, num_heads=2)
+    images = torch.randn(3, 3, 32, 32, generator=_gen(10))
+    noise = torch.rand(3, enc.num_patches, generator=_gen(11))
+    params = [p for p in (*enc.parameters(), *dec.parameters()) if p.requires_grad]
+    autocast = torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        with autocast:
+            masking = ops.random_mask_indices(noise, num_visible(enc.num_patches, 0.75))
+            latent = enc(images, ids_keep=masking.ids_keep).tokens
+            pred = dec(latent, masking.ids_restore)
+            loss = ops.masked_patch_loss(pred, images, masking.mask, 8)
+        return loss, torch.autograd.grad(loss, params)
+
+    loss_k, grads_k = step()
+    _use_reference(monkeypatch)
+    loss_r, grads_r = step()
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(loss_k, loss_r, **tol)
+    scale = max(g.abs().max().item() for g in grads_r)  # bf16: errors relative to the largest gradient
+    for got, want in zip(grads_k, grads_r, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol["atol"] * max(scale, 1.0), rtol=tol["rtol"])
 
 
 # ------------------------------------------------------------------------------------------------ determinism
@@ -455,7 +520,7 @@ def test_cpu_tensors_use_reference_without_interpreter_flag(monkeypatch):
     call_all()
     # the test-only flag alone is not enough: without TRITON_INTERPRET the kernels would be compiled ones
     monkeypatch.setenv("MASKRAY_TRITON_INTERPRET", "1")
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not ops.use_triton(images)
     call_all()
     # both flags, but the kernels were decorated without the interpreter: fall back, with a warning
@@ -509,3 +574,34 @@ def test_kernels_compile_for_sm90():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all masking kernels compiled" in proc.stdout
+
+
+def test_compiled_reference_where_a_kernel_lost(monkeypatch):
+    """An op listed for a GPU (``ops.COMPILED_REFERENCE``) or in ``MASKRAY_MASKING_COMPILED`` runs ``torch.compile``
+    of its reference there; CPU tensors never do."""
+
+    class OnCuda:  # what prefers_compiled_reference reads of a tensor
+        device = torch.device("cuda", 0)
+
+    monkeypatch.delenv(ops.COMPILED_ENV, raising=False)
+    monkeypatch.setattr(ops, "_device_name", lambda index: "NVIDIA H100 80GB HBM3")
+    assert not ops.prefers_compiled_reference("masked_patch_loss", OnCuda())
+    monkeypatch.setattr(ops, "COMPILED_REFERENCE", {"H100": frozenset({"masked_patch_loss"})})
+    assert ops.prefers_compiled_reference("masked_patch_loss", OnCuda())
+    assert not ops.prefers_compiled_reference("decoder_unshuffle", OnCuda())
+    assert not ops.prefers_compiled_reference("masked_patch_loss", torch.empty(1))
+    monkeypatch.setenv(ops.COMPILED_ENV, "none")  # the env overrides the table (the GPU suite measures kernels)
+    assert not ops.prefers_compiled_reference("masked_patch_loss", OnCuda())
+    monkeypatch.setenv(ops.COMPILED_ENV, "decoder_unshuffle, masked_patch_loss")
+    assert ops.prefers_compiled_reference("decoder_unshuffle", OnCuda())
+    # the dispatch: the compiled reference, compiled once per op
+    compiled = []
+    monkeypatch.setattr(ops, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    monkeypatch.setattr(ops, "prefers_compiled_reference", lambda op, tensor: op == "masked_patch_loss")
+    masking = _masking(2, 24, 0.75)
+    images, pred = torch.randn(2, 3, 16, 24), torch.randn(2, 24, 48)
+    for _ in range(2):
+        loss = ops.masked_patch_loss(pred, images, masking.mask, 4)
+    assert compiled == [ref.masked_patch_loss_reference]
+    torch.testing.assert_close(loss, ref.masked_patch_loss_reference(pred, images, masking.mask, 4))
