@@ -437,10 +437,10 @@ def test_mae_step_kernels_match_reference_in_dtype(interpret, monkeypatch, dtype
     """The MAE ops of one step (masking, embedding, unshuffle, loss, backward) under autocast in ``dtype`` on the
     kernels' device: the kernels' loss and gradients match the reference's within that dtype's rounding."""
     from maskray.models.decoder import MAEDecoder
-    from maskray.models.vit import MaskedViT
+    from maskray.models.vit import MaskedViT, MaskedViTCfg
 
     torch.manual_seed(10)
-    enc = MaskedViT("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    enc = MaskedViT(MaskedViTCfg(arch="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1))
     dec = MAEDecoder(enc.embed_dim, enc.grid_size, 8 * 8 * 3, dim=32, depth=1, num_heads=2)
     images = torch.randn(3, 3, 32, 32, generator=_gen(10))
     noise = torch.rand(3, enc.num_patches, generator=_gen(11))
