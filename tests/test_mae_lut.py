@@ -57,7 +57,9 @@ def test_a_mask_ratio_without_room_for_two_disjoint_views_is_a_config_error() ->
         load_config(None, ["objective.name=mae_lut", "objective.mask_ratio=0.4"])
 
 
-def test_ema_teacher_follows_the_whole_student_with_the_formula_and_gets_no_gradient(one_thread) -> None:
+def test_ema_teacher_follows_the_whole_student_and_leaves_its_gradients_alone(one_thread) -> None:
+    """The formula itself: test_objective_platform.py::test_ema_teacher_follows_the_formula_and_never_gets_gradients
+    (its ``mae_lut`` case)."""
     objective = _lut()
     teacher = objective.teachers()["teacher"]
     assert teacher.include_buffers
@@ -65,26 +67,12 @@ def test_ema_teacher_follows_the_whole_student_with_the_formula_and_gets_no_grad
     assert teacher.momentum(0, 100) == pytest.approx(0.996) and teacher.momentum(99, 100) == pytest.approx(1.0)
     objective.train()
     objective(_batch(), _ctx()).loss.backward()  # moves the student's BN running statistics, fills its grads
-    with torch.no_grad():
-        for param in objective.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert any(name.endswith("running_var") for name, _ in teacher.module.named_buffers())
     grads = {name: p.grad.clone() for name, p in objective.named_parameters() if p.grad is not None}
-    before = {key: value.clone() for key, value in teacher.module.state_dict().items()}
+    before = teacher.module.projector[1].running_mean.clone()
     m = objective.after_optimizer_step(StepContext(step=3, total_steps=10))["momentum/teacher"]
     assert m == cosine_schedule(3, 10, 0.996, 1.0)
-    student = objective.state_dict()
-    buffers = {name for name, _ in teacher.module.named_buffers()}
-    assert any(name.endswith("running_var") for name in buffers)
-    frozen = {name for name, p in objective.named_parameters() if not p.requires_grad}  # the sin-cos table
-    for key, value in teacher.module.state_dict().items():
-        if key in frozen:
-            assert torch.equal(value, student[key]), key  # frozen student parameters are copied
-        elif value.is_floating_point():  # m * t + (1 - m) * s, in the update's floating-point order
-            assert torch.equal(value, before[key].mul(m).add_(student[key], alpha=1 - m)), key
-        else:
-            assert torch.equal(value, student[key]), key  # num_batches_tracked is copied
-    assert not torch.equal(teacher.module.projector[1].running_mean, before["projector.1.running_mean"])
+    assert not torch.equal(teacher.module.projector[1].running_mean, before)
     assert all(p.grad is None for p in teacher.parameters())
     for name, p in objective.named_parameters():
         if name in grads:

@@ -176,44 +176,77 @@ def test_schedules_validate_and_reach_their_ends() -> None:
         linear_schedule(0, 0, 0.0, 1.0)
 
 
-def test_ema_teacher_formula_covers_buffers_and_never_gets_gradients() -> None:
+def _plain_teacher():
     student = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    student[1].running_mean.fill_(1.0)
-    teacher = EMATeacher(student, lambda step, total: 0.5, include_buffers=True)
-    with torch.no_grad():
-        for param in student.parameters():
-            param.add_(1.0)
-    student[1].running_mean.fill_(3.0)
-    before = [p.clone() for p in teacher.module.parameters()]
-    assert teacher.update(0, 10) == 0.5
-    for old, new, source in zip(before, teacher.module.parameters(), student.parameters(), strict=True):
-        torch.testing.assert_close(new, 0.5 * old + 0.5 * source)
-        assert not new.requires_grad and new.grad is None
-    torch.testing.assert_close(teacher.module[1].running_mean, torch.full((4,), 2.0))
-    assert int(teacher.module[1].num_batches_tracked) == int(student[1].num_batches_tracked)
-    out = teacher(torch.randn(3, 4))
-    assert not out.requires_grad and not teacher.module.training
+    return EMATeacher(student, lambda step, total: 0.5, include_buffers=True)
 
 
-def test_ema_teacher_pairs_tensors_by_name_when_a_later_part_adds_a_mask_token() -> None:
-    """composite [moco_v3, simmim]: simmim adds a mask token to the shared backbone after moco_v3 copied it into
-    its momentum encoder; the EMA still pairs every teacher tensor with the student's of the same name."""
-    config = load_config(None)
-    parts = [{"name": "moco_v3", "weight": 0.5}, {"name": "simmim", "weight": 0.5}]
-    objective = build_objective("composite", {"parts": parts}, build_encoder(config.model))
-    teacher = next(iter(objective.teachers().values()))
-    student = dict(teacher.student.named_parameters())
-    assert any(name.endswith("mask_token") for name in student)
-    assert not any(name.endswith("mask_token") for name, _ in teacher.module.named_parameters())
+def _objective_teacher(name: str, overrides: tuple[str, ...], pick):
+    def build():
+        config = load_config(None, [f"objective.name={name}", *overrides])
+        torch.manual_seed(0)
+        return pick(build_objective(name, config.objective.params, build_encoder(config.model)))
+
+    return build
+
+
+# every EMA teacher of the platform and of the objectives: (the teacher, built afresh) -> EMATeacher
+EMA_TEACHERS = {
+    "buffers": _plain_teacher,  # a plain module with batch norm, include_buffers
+    "mae_lut": _objective_teacher("mae_lut", ("objective.head_dim=64",), lambda o: o.teachers()["teacher"]),
+    "moco_v3": _objective_teacher("moco_v3", ("model.depth=2", "objective.mlp_dim=32", "objective.out_dim=16"),
+                                  lambda o: o.momentum_encoder),
+    "msn": _objective_teacher("msn", (
+        "model.img_size=32", "model.patch_size=4", "model.depth=1", "objective.focal_views=2",
+        "objective.focal_size=16", "objective.proj_hidden=16", "objective.proj_dim=8",
+        "objective.num_prototypes=6"), lambda o: o.target),
+    # composite [moco_v3, simmim]: simmim adds a mask token to the shared backbone after moco_v3 copied it into
+    # its momentum encoder; the EMA still pairs every teacher tensor with the student's of the same name
+    "composite": _objective_teacher("composite", ("objective.parts=[{name: moco_v3, weight: 0.5}, "
+                                                  "{name: simmim, weight: 0.5}]",),
+                                    lambda o: next(iter(o.teachers().values()))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMA_TEACHERS))
+def test_ema_teacher_follows_the_formula_and_never_gets_gradients(name) -> None:
+    """m * teacher + (1 - m) * student for every trainable student parameter (and floating buffer, with
+    ``include_buffers``), in the update's floating-point order; frozen student parameters and integer buffers
+    (``num_batches_tracked``) are copied; tensors are paired by name; the teacher shares nothing with the student,
+    has no gradients, and runs in eval mode."""
+    teacher = EMA_TEACHERS[name]()
+    student = teacher.student
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for param in student.values():
-            param.add_(1.0)
-    before = {name: p.clone() for name, p in teacher.module.named_parameters()}
-    m = teacher.update(0, 10)
-    for name, new in teacher.module.named_parameters():
-        source = student[name]
-        expected = m * before[name] + (1 - m) * source if source.requires_grad else source
-        torch.testing.assert_close(new, expected, msg=name)
+        for tensor in [*student.parameters(), *(student.buffers() if teacher.include_buffers else ())]:
+            if tensor.is_floating_point():
+                tensor.add_(1.0 + 0.1 * torch.randn(tensor.shape, generator=generator))
+            else:
+                tensor.add_(3)
+    module = teacher.module
+    before = {key: value.clone() for key, value in [*module.named_parameters(), *module.named_buffers()]}
+    m = teacher.update(3, 10)
+    assert m == teacher.momentum(3, 10) and 0.0 < m < 1.0
+    params, buffers = dict(student.named_parameters()), dict(student.named_buffers())
+    if name == "composite":
+        assert any(key.endswith("mask_token") for key in params)
+        assert not any(key.endswith("mask_token") for key, _ in teacher.module.named_parameters())
+    for key, new in teacher.module.named_parameters():
+        source = params[key].detach()
+        want = before[key].mul(m).add_(source, alpha=1 - m) if params[key].requires_grad else source
+        assert torch.equal(new, want), key
+        assert not new.requires_grad and new.grad is None, key
+    if teacher.include_buffers:
+        for key, new in teacher.module.named_buffers():
+            want = before[key].mul(m).add_(buffers[key], alpha=1 - m) if new.is_floating_point() else buffers[key]
+            assert torch.equal(new, want), key
+        assert any(key.endswith("running_mean") for key in buffers)
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
+    if name == "buffers":
+        torch.testing.assert_close(teacher.module[1].running_mean, before["1.running_mean"] * 0.5
+                                   + student[1].running_mean * 0.5)
+        out = teacher(torch.randn(3, 4))
+        assert not out.requires_grad and not teacher.module.training
 
 
 class _Frozen(Objective):
