@@ -1,4 +1,5 @@
-"""Shared fixtures: one Ray instance per session (2 CPUs), demo shards built once per session."""
+"""Shared fixtures: one Ray instance per session (2 CPUs) with a check for leftovers after each test on it, demo
+shards built once per session."""
 
 from __future__ import annotations
 
@@ -34,18 +35,136 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+class SharedRay:
+    """The session's one local Ray (2 CPUs), started when a test first needs it and shut down at the end of the
+    session, or earlier for a test that needs Ray to itself (:func:`no_shared_ray`)."""
+
+    def __init__(self) -> None:
+        self.running = False
+        self.env: dict[str, str] = {}
+
+    def start(self):
+        """Start it, or restart it where its workers lack a variable the caller's process has now: the storage
+        credentials and endpoint (``AWS_*``, ... as the launcher passes them) that a fixture such as
+        :func:`s3_bucket` set after the instance started."""
+        import ray
+
+        from maskray.storage import credential_env
+
+        env = {key: os.environ[key] for key in ("PYTHONPATH", "MASKRAY_PLUGINS")} | {"PYTHONUNBUFFERED": "1"}
+        env |= credential_env()
+        if self.running and ray.is_initialized() and env.items() <= self.env.items():
+            return ray
+        if ray.is_initialized():  # started with other variables, or by a test in-process without this fixture
+            ray.shutdown()
+        # "local": a new instance even where another one on this machine is findable (ray_current_cluster)
+        ray.init(address="local", num_cpus=2, runtime_env={"env_vars": env})
+        self.running, self.env = True, env
+        return ray
+
+    def stop(self) -> None:
+        import ray
+
+        if self.running:
+            ray.shutdown()
+            self.running, self.env = False, {}
+
+
+SHARED_RAY = SharedRay()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests that need Ray to themselves (their own ``ray.cluster_utils.Cluster``, a launcher subprocess with its
+    own local Ray, or no Ray at all) run first, before the shared instance starts (a stable sort: the rest keep
+    their order)."""
+    items.sort(key=lambda item: "no_shared_ray" not in getattr(item, "fixturenames", ()))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    SHARED_RAY.stop()
+
+
+# MASKRAY_TEST_SHARED_RAY=1: one instance for the whole session. Not the default: in one long-lived instance a
+# TorchTrainer run was seen to hang after requesting its resources (Ray 2.60, 0 of 2 CPUs in use, no pending
+# demand). Reproduced with the shared instance (the third Train run of the session, the first with 2 workers): the
+# GCS logged the Train controller actor as created, the controller logged "Requesting resources" and launched its
+# PlacementGroupCleaner, but the driver's core-worker log shows only the PENDING_CREATION notification for that
+# actor, never ALIVE, so the driver's ``controller.run`` call stayed queued (driver blocked in ray.get, controller's
+# event loop idle, raylet: 2 of 2 CPUs free, no placement group or lease pending). Not a leftover of earlier tests.
+SHARE_ACROSS_MODULES = os.environ.get("MASKRAY_TEST_SHARED_RAY") == "1"
+
+
 @pytest.fixture(scope="module")
 def ray_session():
-    """A local Ray with 2 CPUs, shared by the tests of a module. Started once per module, not per session: after
-    a few Ray Train runs, Ray Tune sweeps and Ray tasks in one long-lived local instance, a later TorchTrainer run
-    was seen to hang after requesting its resources (Ray 2.60, 0 of 2 CPUs in use, no pending demand), so each
-    module gets a fresh instance (about 10 s each)."""
+    """A local Ray with 2 CPUs (:class:`SharedRay`) for the module: a fresh instance per module (about 10 s each),
+    or with ``MASKRAY_TEST_SHARED_RAY=1`` the session's one instance, started by the first module that asks for it
+    (restarted for a module whose storage variables its workers lack: request ``s3_bucket`` before it).
+    :func:`ray_leftovers` checks after every test on it that nothing is left holding resources (placement groups,
+    CPUs, actors), and removes what is."""
+    yield SHARED_RAY.start()
+    if not SHARE_ACROSS_MODULES:
+        SHARED_RAY.stop()
+
+
+@pytest.fixture(scope="module")
+def no_shared_ray():
+    """Shut the shared Ray down (if it runs) for a module that starts its own (a ``ray.cluster_utils.Cluster``, a
+    launcher subprocess with its own local Ray) or needs none; such tests are ordered before all others."""
+    SHARED_RAY.stop()
+
+
+# Detached actors that Ray itself keeps for the life of the instance: Ray Data's / Train V2's resource-request
+# coordinator (one per cluster, it forwards requests to the autoscaler; expired requests are purged).
+KEPT_ACTORS = {"AutoscalingCoordinator"}
+
+
+def _leftovers(ray) -> list[str]:
+    """What a finished test left on the shared Ray: placement groups not removed, CPUs in use, live actors."""
+    from ray.util import placement_group_table
+
+    found = [f"placement group {pg_id} ({pg.get('name') or 'unnamed'}): {pg['state']}"
+             for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"]
+    total, available = ray.cluster_resources().get("CPU", 0.0), ray.available_resources().get("CPU", 0.0)
+    if available < total:
+        found.append(f"{total - available:g} of {total:g} CPUs in use")
+    try:
+        from ray.util.state import list_actors
+
+        found += [f"actor {actor.class_name} {actor.name or ''} ({actor.actor_id}) alive"
+                  for actor in list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+                  if actor.name not in KEPT_ACTORS]
+    except Exception as error:  # the state API needs the dashboard
+        found.append(f"(actors not listed: {type(error).__name__})")
+    return found if any(not item.startswith("(") for item in found) else []
+
+
+@pytest.fixture(autouse=True)
+def ray_leftovers(request):
+    """After each test that used the shared Ray: warn (a pytest warning, listed in the summary) about placement
+    groups, CPUs in use or live actors it left behind once they had 5 s to go (Ray releases them asynchronously),
+    and remove the placement groups so later tests start clean. A warning, not a failure: Ray Train V2 keeps
+    detached helper actors alive a while after a run."""
+    yield
+    if "ray_session" not in request.fixturenames or not SHARED_RAY.running:
+        return
+    import time
+    import warnings
+
     import ray
 
-    env = {key: os.environ[key] for key in ("PYTHONPATH", "MASKRAY_PLUGINS")} | {"PYTHONUNBUFFERED": "1"}
-    ray.init(num_cpus=2, runtime_env={"env_vars": env})
-    yield ray
-    ray.shutdown()
+    deadline = time.monotonic() + 5
+    while (found := _leftovers(ray)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not found:
+        return
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    for pg_id, pg in placement_group_table().items():
+        if pg["state"] != "REMOVED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    warnings.warn("left on the shared Ray after the test (placement groups removed): " + "; ".join(found),
+                  stacklevel=1)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +175,24 @@ def demo_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "demo"
     subprocess.run([sys.executable, str(REPO / "launch" / "make_shards.py"), "demo", str(out)], check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_config(demo_shards):
+    """``demo_config(root, *overrides, config="mae.yaml")``: ``configs/demo/<config>`` on the demo shards (training
+    and both k-NN sets), tracked in ``root`` (``root/mlflow.db``, checkpoints under ``root/runs``), then
+    ``overrides`` (later ones win: ``eval.train_shards=null`` turns the k-NN off). The tiny demo run of the end to
+    end tests."""
+    from maskray.config import load_config
+
+    def build(root: Path, *overrides: str, config: str = "mae.yaml"):
+        return load_config(REPO / "configs" / "demo" / config, [
+            f"data.shards={demo_shards / 'train'}", f"eval.train_shards={demo_shards / 'train'}",
+            f"eval.test_shards={demo_shards / 'test'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+            f"tracking.storage_path={root / 'runs'}", *overrides,
+        ])
+
+    return build
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +228,8 @@ def s3_bucket():
     """``s3://maskray-test`` on an S3-compatible server (moto's server mode) on 127.0.0.1, started for the module.
 
     The standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) point at it for the module, so
-    pyarrow, boto3 and Ray workers started after this fixture (request it before ``ray_session``) reach it."""
+    pyarrow, boto3 and Ray workers reach it (request it before ``ray_session``, which then restarts the shared Ray
+    with them)."""
     with local_s3("maskray-test") as uri:
         yield uri
 

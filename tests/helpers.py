@@ -1,6 +1,6 @@
 """Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), running a launcher, demo digits
 and a tiny VQ-KD tokenizer, a free local port, copying a directory to a filesystem URI, a local S3-compatible
-server, and two gloo processes."""
+server, two gloo processes, and reading back what a run logged to MLflow."""
 
 from __future__ import annotations
 
@@ -186,3 +186,44 @@ def stop_process(process) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def _tracking_uri(where) -> str:
+    return where if isinstance(where, str) else where.tracking.resolved_uri()
+
+
+def metric_history(where, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of metric ``key`` of ``run_id``, in MLflow's order; ``where``: a config or a tracking URI."""
+    from mlflow.tracking import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(_tracking_uri(where)).get_metric_history(run_id, key)]
+
+
+def metric_steps(where, run_id: str, key: str) -> list[int]:
+    """The steps at which ``key`` of ``run_id`` was logged, in MLflow's order."""
+    return [step for step, _ in metric_history(where, run_id, key)]
+
+
+def experiment_runs(where, experiment: str = "maskray-demo") -> list:
+    """Every MLflow run of ``experiment`` (newest first); ``where``: a config or a tracking URI."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(_tracking_uri(where))
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def check_export(result, config, out: Path, in_chans: int) -> None:
+    """The final encoder of run ``result`` exports to ``out`` (by run id) and loads strictly into timm with
+    ``in_chans`` input channels."""
+    import timm
+    import torch
+
+    from maskray.export import export_encoder
+
+    exported = export_encoder(out, run_id=result.run_id, tracking_uri=config.tracking.resolved_uri())
+    assert exported.timm_kwargs["in_chans"] == in_chans
+    model = timm.create_model(exported.arch, num_classes=0, checkpoint_path=str(exported.path),
+                              **exported.timm_kwargs)  # loads strictly
+    assert model.patch_embed.proj.in_channels == in_chans
+    with torch.no_grad():
+        assert model(torch.zeros(2, in_chans, 16, 16)).shape == (2, model.embed_dim)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import check_export
 from PIL import Image
 
 from maskray.config import load_config
@@ -155,24 +156,6 @@ def test_driver_rejects_data_with_another_channel_count(demo_shards) -> None:
         check_data(config.resolved())
 
 
-def _train_and_export(config, tmp_path, run_name: str, in_chans: int):
-    import timm
-
-    from maskray.engine.driver import run_pretraining
-    from maskray.export import export_encoder
-
-    result = run_pretraining(config, run_name=run_name)
-    exported = export_encoder(tmp_path / f"{run_name}.safetensors", run_id=result.run_id,
-                              tracking_uri=config.tracking.resolved_uri())
-    assert exported.timm_kwargs["in_chans"] == in_chans
-    model = timm.create_model(exported.arch, num_classes=0, checkpoint_path=str(exported.path),
-                              **exported.timm_kwargs)  # loads strictly
-    assert model.patch_embed.proj.in_channels == in_chans
-    with torch.no_grad():
-        assert model(torch.zeros(2, in_chans, 16, 16)).shape == (2, model.embed_dim)
-    return result
-
-
 def _ray_overrides(tmp_path, shards: Path, *extra: str) -> list[str]:
     return [f"data.shards={shards}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"tracking.storage_path={tmp_path / 'runs'}", "scaling.workers=1", "data.num_workers=0",
@@ -180,14 +163,8 @@ def _ray_overrides(tmp_path, shards: Path, *extra: str) -> list[str]:
             "optim.warmup_steps=1", *extra]
 
 
-@pytest.mark.slow
-def test_one_channel_digits_train_evaluate_and_export(ray_session, demo_shards, tmp_path) -> None:
-    config = load_config(REPO / "configs/demo/mae_gray.yaml", _ray_overrides(
-        tmp_path, demo_shards / "train", f"eval.train_shards={demo_shards / 'train'}",
-        f"eval.test_shards={demo_shards / 'test'}"))
-    result = _train_and_export(config, tmp_path, "grey", 1)
-    assert {"knn_top1", "knn_top1_random_init"} <= set(result.metrics)
-    assert result.metrics["skipped_samples"] == 0
+# The one-channel digits (configs/demo/mae_gray.yaml) train, evaluate and export in test_objectives_ray, with
+# every demo config's few-step run.
 
 
 @pytest.mark.slow
@@ -202,5 +179,8 @@ def test_four_band_tiffs_train_and_export(ray_session, tmp_path) -> None:
     config = load_config(REPO / "configs/demo/mae.yaml", _ray_overrides(
         tmp_path, tmp_path / "shards", "model.in_chans=4", "data.mean=[0.5,0.5,0.5,0.5]",
         "data.std=[0.25,0.25,0.25,0.25]", "eval.train_shards=null", "eval.test_shards=null"))
-    result = _train_and_export(config, tmp_path, "bands", 4)
+    from maskray.engine.driver import run_pretraining
+
+    result = run_pretraining(config, run_name="bands")
+    check_export(result, config, tmp_path / "bands.safetensors", 4)
     assert result.metrics["skipped_samples"] == 0

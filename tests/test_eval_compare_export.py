@@ -21,7 +21,7 @@ from maskray.checkpoint import CONFIG_FILE, ENCODER_FILE
 from maskray.config import load_config
 from maskray.data import Sample, write_shards
 from maskray.errors import ConfigError
-from maskray.eval import knn_accuracy
+from maskray.eval import knn_accuracy, knn_predict
 from maskray.eval.diagnostics import (
     attention_nmi,
     diagnose,
@@ -49,7 +49,8 @@ def store(tmp_path_factory) -> str:
     return uri
 
 
-# ---------------------------------------------------------------- linear probe and k-NN, known answers
+# ---------------------------------------------------------------- linear probe and k-NN, known answers (one
+# scenario each, for both classifiers)
 
 
 def _clusters(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,26 +60,38 @@ def _clusters(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return centers[labels] + torch.randn(1200, 64, generator=generator), labels
 
 
-def test_separable_features_are_classified_perfectly_and_deterministically() -> None:
+def _classify(classifier: str, train: tuple, test: tuple) -> dict[str, float]:
+    if classifier == "knn":
+        return knn_accuracy(*train, *test, 10)
+    return linear_probe(*train, *test, 10, LinearProbeConfig(epochs=30, warmup_epochs=3))
+
+
+@pytest.mark.parametrize("classifier", ["knn", "linear_probe"])
+def test_separable_features_are_classified_perfectly_and_deterministically(classifier) -> None:
     features, labels = _clusters(0)
     train, test = slice(0, None, 2), slice(1, None, 2)
-    config = LinearProbeConfig(epochs=30, warmup_epochs=3)
-    first = linear_probe(features[train], labels[train], features[test], labels[test], 10, config)
+    first = _classify(classifier, (features[train], labels[train]), (features[test], labels[test]))
     assert first == {"top1": 100.0, "top5": 100.0}
-    again = linear_probe(features[train], labels[train], features[test], labels[test], 10, config)
-    assert again == first
-    assert knn_accuracy(features[train], labels[train], features[test], labels[test], 10)["top1"] == 100.0
+    assert _classify(classifier, (features[train], labels[train]), (features[test], labels[test])) == first
 
 
-def test_random_labels_give_chance_level() -> None:
+@pytest.mark.parametrize("classifier", ["knn", "linear_probe"])
+def test_random_labels_give_chance_level(classifier) -> None:
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(2000, 64, generator=generator)
     labels = torch.randint(0, 10, (2000,), generator=generator)
-    probe = linear_probe(features[:1000], labels[:1000], features[1000:], labels[1000:], 10)
-    assert probe["top1"] == pytest.approx(10.0, abs=3.5)
-    assert probe["top5"] == pytest.approx(50.0, abs=6.0)
-    knn = knn_accuracy(features[:1000], labels[:1000], features[1000:], labels[1000:], 10)
-    assert knn["top1"] == pytest.approx(10.0, abs=3.5)
+    accuracy = _classify(classifier, (features[:1000], labels[:1000]), (features[1000:], labels[1000:]))
+    assert accuracy["top1"] == pytest.approx(10.0, abs=3.5)
+    assert accuracy["top5"] == pytest.approx(50.0, abs=6.0)
+
+
+def test_knn_vote_weights_follow_temperature() -> None:
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1])
+    scores = knn_predict(bank, labels, torch.tensor([[1.0, 0.0]]), 2, k=3, temperature=0.5)
+    expected0 = torch.exp(torch.tensor(1.0 / 0.5))
+    expected1 = torch.exp(torch.tensor(0.0)) + torch.exp(torch.tensor(0.6 / 0.5))
+    torch.testing.assert_close(scores, torch.stack([expected0, expected1]).unsqueeze(0))
 
 
 # ---------------------------------------------------------------- diagnostics, known values

@@ -134,7 +134,9 @@ def test_resume_under_another_zero_stage_is_refused(tmp_path) -> None:
                                            "train.zero_stage=2"]), "one")
 
 
-def test_the_launcher_refuses_it_with_exit_code_2_before_ray_starts(demo_shards, tmp_path, capsys) -> None:
+def test_the_launcher_refuses_it_with_exit_code_2_before_ray_starts(
+    no_shared_ray, demo_shards, tmp_path, capsys
+) -> None:
     import ray
 
     _fake_checkpoint(tmp_path / "runs" / "two" / "checkpoint_000001", workers=2, step=40)

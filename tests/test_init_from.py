@@ -199,19 +199,15 @@ def test_cli_missing_init_from_exits_2_with_one_line(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_pretraining_starts_from_the_file_and_logs_its_hash(ray_session, demo_shards, tmp_path) -> None:
+def test_pretraining_starts_from_the_file_and_logs_its_hash(ray_session, demo_config, tmp_path) -> None:
     """Two steps on Ray: the sha256 param reaches MLflow and the step-0 k-NN baseline is the loaded encoder's."""
     from maskray.engine.driver import run_pretraining
     from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
 
     path = tmp_path / "start.safetensors"
     save_file(_timm(6).state_dict(), str(path))
-    config = load_config(REPO / "configs/demo/mae.yaml", [
-        f"data.shards={demo_shards / 'train'}", f"eval.train_shards={demo_shards / 'train'}",
-        f"eval.test_shards={demo_shards / 'test'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"tracking.storage_path={tmp_path / 'runs'}", "model.depth=2", f"model.init_from={path}",
-        "scaling.workers=1", "data.batch_size=16", "train.steps=2", "train.log_every=1", "train.checkpoint_every=2",
-    ])
+    config = demo_config(tmp_path, "model.depth=2", f"model.init_from={path}", "scaling.workers=1",
+                         "data.batch_size=16", "train.steps=2", "train.log_every=1", "train.checkpoint_every=2")
     result = run_pretraining(config, run_name="from-file")
     params = MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
     assert params["model.init_from_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -61,7 +61,9 @@ def test_loss_prefers_the_matching_key() -> None:
     assert aligned.item() < 2 * 0.2 * math.log(BATCH) < shuffled.item()
 
 
-def test_momentum_encoder_follows_the_ema_formula_and_gets_no_gradient() -> None:
+def test_momentum_encoder_follows_encoder_and_projector_after_each_optimizer_step() -> None:
+    """The formula itself: test_objective_platform.py::test_ema_teacher_follows_the_formula_and_never_gets_gradients
+    (its ``moco_v3`` case)."""
     objective, _ = _moco()
     teacher = objective.momentum_encoder
     names = {id(p) for p in [*objective.encoder.parameters(), *objective.projector.parameters()]}
@@ -77,9 +79,8 @@ def test_momentum_encoder_follows_the_ema_formula_and_gets_no_gradient() -> None
     m = cosine_schedule(3, 10, objective.params.momentum, 1.0)
     assert metrics == {"momentum/momentum_encoder": pytest.approx(m)}
     moved = 0
-    for old, new, source in zip(before, teacher.module.parameters(), teacher.student.parameters(), strict=True):
-        torch.testing.assert_close(new, m * old + (1 - m) * source.detach())
-        assert new.grad is None and not new.requires_grad
+    for old, new in zip(before, teacher.module.parameters(), strict=True):
+        assert new.grad is None
         moved += int(not torch.equal(new, old))
     assert moved > 0
 

@@ -174,27 +174,19 @@ def _msn(*overrides: str):
     return config, build_objective("msn", config.objective.params, build_encoder(config.model))
 
 
-def test_momentum_schedule_and_ema_update_of_backbone_and_projector() -> None:
+def test_momentum_schedule_and_ema_of_backbone_and_projector() -> None:
+    """The formula itself: test_objective_platform.py::test_ema_teacher_follows_the_formula_and_never_gets_gradients
+    (its ``msn`` case)."""
     _, objective = _msn()
     teacher = objective.target
     total = 1000
     assert teacher.momentum(0, total) == pytest.approx(0.996)
     assert teacher.momentum(total - 1, total) == pytest.approx(0.996 + 0.004 * 999 / 1250)  # ~0.9992
     assert objective.eval_encoder() is teacher.module.encoder
-    with torch.no_grad():
-        for param in objective.parameters():
-            param.add_(1.0)
     students = [*objective.encoder.parameters(), *objective.projector.parameters()]
-    before = [p.clone() for p in teacher.module.parameters()]
+    assert [id(p) for p in teacher.student.parameters()] == [id(p) for p in students]
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for p in objective.parameters()}
     assert teacher.update(0, total) == pytest.approx(0.996)
-    for old, new, student in zip(before, teacher.module.parameters(), students, strict=True):
-        if student.requires_grad:
-            torch.testing.assert_close(new, 0.996 * old + 0.004 * student)
-        else:  # frozen student parameters (the sin-cos table) are copied
-            assert torch.equal(new, student)
-        assert not new.requires_grad and new.grad is None
-    teacher_ids = {id(p) for p in teacher.parameters()}
-    assert not teacher_ids & {id(p) for p in objective.parameters()}
 
 
 def test_objective_step_views_passes_and_gradients() -> None:

@@ -2,7 +2,8 @@
 raylet, 1 CPU each), one training worker per node, two loader workers each, over shards of uneven sizes: both
 ranks take the same number of full batches (no hang), no sample goes to both ranks, and every loader worker's
 stream holds each sample of its shards exactly once per epoch. The consumed keys come from the key log
-(``MASKRAY_KEY_LOG``, :mod:`maskray.data.health`). Its own module: it starts and shuts down its own cluster."""
+(``MASKRAY_KEY_LOG``, :mod:`maskray.data.health`). Its own module: it starts and shuts down its own cluster
+(with the session's shared Ray shut down: ``no_shared_ray``)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
+def two_nodes(no_shared_ray, tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 

@@ -176,44 +176,77 @@ def test_schedules_validate_and_reach_their_ends() -> None:
         linear_schedule(0, 0, 0.0, 1.0)
 
 
-def test_ema_teacher_formula_covers_buffers_and_never_gets_gradients() -> None:
+def _plain_teacher():
     student = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    student[1].running_mean.fill_(1.0)
-    teacher = EMATeacher(student, lambda step, total: 0.5, include_buffers=True)
-    with torch.no_grad():
-        for param in student.parameters():
-            param.add_(1.0)
-    student[1].running_mean.fill_(3.0)
-    before = [p.clone() for p in teacher.module.parameters()]
-    assert teacher.update(0, 10) == 0.5
-    for old, new, source in zip(before, teacher.module.parameters(), student.parameters(), strict=True):
-        torch.testing.assert_close(new, 0.5 * old + 0.5 * source)
-        assert not new.requires_grad and new.grad is None
-    torch.testing.assert_close(teacher.module[1].running_mean, torch.full((4,), 2.0))
-    assert int(teacher.module[1].num_batches_tracked) == int(student[1].num_batches_tracked)
-    out = teacher(torch.randn(3, 4))
-    assert not out.requires_grad and not teacher.module.training
+    return EMATeacher(student, lambda step, total: 0.5, include_buffers=True)
 
 
-def test_ema_teacher_pairs_tensors_by_name_when_a_later_part_adds_a_mask_token() -> None:
-    """composite [moco_v3, simmim]: simmim adds a mask token to the shared backbone after moco_v3 copied it into
-    its momentum encoder; the EMA still pairs every teacher tensor with the student's of the same name."""
-    config = load_config(None)
-    parts = [{"name": "moco_v3", "weight": 0.5}, {"name": "simmim", "weight": 0.5}]
-    objective = build_objective("composite", {"parts": parts}, build_encoder(config.model))
-    teacher = next(iter(objective.teachers().values()))
-    student = dict(teacher.student.named_parameters())
-    assert any(name.endswith("mask_token") for name in student)
-    assert not any(name.endswith("mask_token") for name, _ in teacher.module.named_parameters())
+def _objective_teacher(name: str, overrides: tuple[str, ...], pick):
+    def build():
+        config = load_config(None, [f"objective.name={name}", *overrides])
+        torch.manual_seed(0)
+        return pick(build_objective(name, config.objective.params, build_encoder(config.model)))
+
+    return build
+
+
+# every EMA teacher of the platform and of the objectives: (the teacher, built afresh) -> EMATeacher
+EMA_TEACHERS = {
+    "buffers": _plain_teacher,  # a plain module with batch norm, include_buffers
+    "mae_lut": _objective_teacher("mae_lut", ("objective.head_dim=64",), lambda o: o.teachers()["teacher"]),
+    "moco_v3": _objective_teacher("moco_v3", ("model.depth=2", "objective.mlp_dim=32", "objective.out_dim=16"),
+                                  lambda o: o.momentum_encoder),
+    "msn": _objective_teacher("msn", (
+        "model.img_size=32", "model.patch_size=4", "model.depth=1", "objective.focal_views=2",
+        "objective.focal_size=16", "objective.proj_hidden=16", "objective.proj_dim=8",
+        "objective.num_prototypes=6"), lambda o: o.target),
+    # composite [moco_v3, simmim]: simmim adds a mask token to the shared backbone after moco_v3 copied it into
+    # its momentum encoder; the EMA still pairs every teacher tensor with the student's of the same name
+    "composite": _objective_teacher("composite", ("objective.parts=[{name: moco_v3, weight: 0.5}, "
+                                                  "{name: simmim, weight: 0.5}]",),
+                                    lambda o: next(iter(o.teachers().values()))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMA_TEACHERS))
+def test_ema_teacher_follows_the_formula_and_never_gets_gradients(name) -> None:
+    """m * teacher + (1 - m) * student for every trainable student parameter (and floating buffer, with
+    ``include_buffers``), in the update's floating-point order; frozen student parameters and integer buffers
+    (``num_batches_tracked``) are copied; tensors are paired by name; the teacher shares nothing with the student,
+    has no gradients, and runs in eval mode."""
+    teacher = EMA_TEACHERS[name]()
+    student = teacher.student
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for param in student.values():
-            param.add_(1.0)
-    before = {name: p.clone() for name, p in teacher.module.named_parameters()}
-    m = teacher.update(0, 10)
-    for name, new in teacher.module.named_parameters():
-        source = student[name]
-        expected = m * before[name] + (1 - m) * source if source.requires_grad else source
-        torch.testing.assert_close(new, expected, msg=name)
+        for tensor in [*student.parameters(), *(student.buffers() if teacher.include_buffers else ())]:
+            if tensor.is_floating_point():
+                tensor.add_(1.0 + 0.1 * torch.randn(tensor.shape, generator=generator))
+            else:
+                tensor.add_(3)
+    module = teacher.module
+    before = {key: value.clone() for key, value in [*module.named_parameters(), *module.named_buffers()]}
+    m = teacher.update(3, 10)
+    assert m == teacher.momentum(3, 10) and 0.0 < m < 1.0
+    params, buffers = dict(student.named_parameters()), dict(student.named_buffers())
+    if name == "composite":
+        assert any(key.endswith("mask_token") for key in params)
+        assert not any(key.endswith("mask_token") for key, _ in teacher.module.named_parameters())
+    for key, new in teacher.module.named_parameters():
+        source = params[key].detach()
+        want = before[key].mul(m).add_(source, alpha=1 - m) if params[key].requires_grad else source
+        assert torch.equal(new, want), key
+        assert not new.requires_grad and new.grad is None, key
+    if teacher.include_buffers:
+        for key, new in teacher.module.named_buffers():
+            want = before[key].mul(m).add_(buffers[key], alpha=1 - m) if new.is_floating_point() else buffers[key]
+            assert torch.equal(new, want), key
+        assert any(key.endswith("running_mean") for key in buffers)
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
+    if name == "buffers":
+        torch.testing.assert_close(teacher.module[1].running_mean, before["1.running_mean"] * 0.5
+                                   + student[1].running_mean * 0.5)
+        out = teacher(torch.randn(3, 4))
+        assert not out.requires_grad and not teacher.module.training
 
 
 class _Frozen(Objective):
@@ -351,25 +384,100 @@ def _gathered(module):
     return gathered(module.parameters())
 
 
-def test_training_state_round_trip_is_bit_exact(process_group, tmp_path) -> None:
+def _twoview_round_trip():
     objective, config = _twoview("train.zero_stage=2")
+    return objective, config, _batches()
+
+
+def _mae_lut_round_trip():
+    config = load_config(None, ["objective.name=mae_lut", "objective.head_dim=64", "data.batch_size=4",
+                                "train.steps=10", "optim.warmup_steps=1", "train.zero_stage=2"])
+    torch.manual_seed(0)
+    objective = build_objective(config.objective.name, config.objective.params, build_encoder(config.model))
+
+    def batches():
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            yield {"image": torch.randn(4, 3, 16, 16, generator=generator),
+                   "augmented": torch.randn(4, 3, 16, 16, generator=generator),
+                   "key": [str(i) for i in range(4)], "label": torch.zeros(4, dtype=torch.int64)}
+
+    return objective, config, batches()
+
+
+def _vqkd_round_trip():
+    from helpers import demo_digits, tiny_vqkd
+
+    config = load_config(None, ["model.img_size=16", "data.batch_size=8", "train.steps=10", "optim.warmup_steps=1",
+                                "train.zero_stage=2"])
+    pixels = demo_digits(16, 8)
+
+    def batches():
+        while True:
+            yield {"crop": [(pixels - 0.5) / 0.5, pixels], "key": [str(i) for i in range(8)],
+                   "label": torch.zeros(8, dtype=torch.int64)}
+
+    return tiny_vqkd(restart_after=1), config, batches()
+
+
+# objective -> (objective, config, batch stream), built afresh: a DeepSpeed run of it that saves its training state
+ROUND_TRIPS = {"twoview_ema": _twoview_round_trip, "mae_lut": _mae_lut_round_trip, "vqkd": _vqkd_round_trip}
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIPS))
+def test_training_state_round_trip_is_bit_exact(process_group, tmp_path, one_thread, name) -> None:
+    """Two DeepSpeed steps (ZeRO-2), save, load into a fresh objective and engine: the step and run name, every
+    teacher (EMA weights and batch-norm statistics), the objective's extra state (twoview_ema's counter), its whole
+    state dict (heads, batch-norm statistics, VQ-KD's codebook, k-means flag and idle counters) and the rank's
+    generator come back bit for bit, and the next step on the same micro-batch gives the same loss, metrics,
+    teachers and state on both."""
+    objective, config, batches = ROUND_TRIPS[name]()
+    accum = config.optim.grad_accum
     engine = build_engine(objective, config, world_size=1, bf16=False)
     randomness = RankRandomness(0, 0)
-    batches = _batches()
-    for step in range(2):
-        optimizer_step(engine, objective, batches, StepContext(step, 10, generator=randomness.generator), 2,
-                       torch.device("cpu"), torch.float32)
-    save_training_state(engine, objective, randomness, str(tmp_path), 2, "run", 0, None, config)
-    teacher = {k: v.clone() for k, v in objective.teachers()["teacher"].state_dict().items()}
-    seen, draws = objective.extra_state()["seen"].clone(), torch.rand(5, generator=randomness.generator)
 
-    fresh, _ = _twoview("train.zero_stage=2")
+    def step(engine, objective, batches, randomness, index):
+        ctx = StepContext(index, 10, generator=randomness.generator)
+        return optimizer_step(engine, objective, batches, ctx, accum, torch.device("cpu"), torch.float32)
+
+    for index in range(2):
+        record = step(engine, objective, batches, randomness, index)
+    if name == "mae_lut":
+        assert record.metrics["momentum/teacher"] == pytest.approx(cosine_schedule(1, 10, 0.996, 1.0))
+    save_training_state(engine, objective, randomness, str(tmp_path), 2, "run", 0, None, config)
+    teachers = {key: {k: v.clone() for k, v in t.state_dict().items()} for key, t in objective.teachers().items()}
+    extra = {key: value.clone() for key, value in objective.extra_state().items()}
+    draws = torch.rand(5, generator=randomness.generator)
+
+    fresh, _, _ = ROUND_TRIPS[name]()
     fresh_engine = build_engine(fresh, config, world_size=1, bf16=False)
     fresh_randomness = RankRandomness(0, 0)
     assert load_training_state(fresh_engine, fresh, fresh_randomness, str(tmp_path), 0) == (2, "run")
-    for key, value in fresh.teachers()["teacher"].state_dict().items():
-        assert torch.equal(value, teacher[key]), key
-    assert torch.equal(fresh.extra_state()["seen"], seen)
+    for key, teacher in fresh.teachers().items():
+        assert teacher.state_dict().keys() == teachers[key].keys()
+        for k, value in teacher.state_dict().items():
+            assert torch.equal(value, teachers[key][k]), (key, k)
+    assert fresh.extra_state().keys() == extra.keys()
+    for key, value in fresh.extra_state().items():
+        assert torch.equal(value, extra[key]), key
     assert torch.equal(torch.rand(5, generator=fresh_randomness.generator), draws)
-    for (name, a), (_, b) in zip(fresh.state_dict().items(), objective.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    for (key, a), (_, b) in zip(fresh.state_dict().items(), objective.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
+    if name == "vqkd":
+        assert bool(fresh.quantizer.initialised) and not torch.equal(fresh.quantizer.codebook, torch.zeros(16, 32))
+        for key in ("codebook", "initialised", "idle"):
+            assert torch.equal(getattr(fresh.quantizer, key), getattr(objective.quantizer, key)), key
+        z = torch.randn(64, 32)  # the next training forward assigns the same codes, updates the codebook alike
+        assert torch.equal(fresh.quantizer(z, fresh_randomness.generator).codes,
+                           objective.quantizer(z, randomness.generator).codes)
+        assert torch.equal(fresh.quantizer.codebook, objective.quantizer.codebook)
+
+    batch = next(batches)  # both continue with the same micro-batches
+    after = [step(e, o, iter([batch] * accum), r, 2) for e, o, r in
+             ((engine, objective, randomness), (fresh_engine, fresh, fresh_randomness))]
+    assert after[0].loss == after[1].loss and after[0].metrics == after[1].metrics
+    for (key, teacher), other in zip(objective.teachers().items(), fresh.teachers().values(), strict=True):
+        for k, value in teacher.state_dict().items():
+            assert torch.equal(other.state_dict()[k], value), (key, k)
+    for (key, a), (_, b) in zip(fresh.state_dict().items(), objective.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key

@@ -3,7 +3,7 @@
 Each objective's demo config (``configs/demo/<name>.yaml``) runs ``STEPS`` optimizer steps with 2 workers at a
 small batch, checkpoints once and reports its final k-NN; the run must finish with finite losses logged for
 every step window and its final encoder as an artifact. Learning at full budget is ``benchmarks/objectives.py``'s
-job (BENCHMARKS.md).
+job (BENCHMARKS.md). The one-channel demo (``mae_gray.yaml``) also evaluates its random init and exports to timm.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import check_export
 from mlflow.tracking import MlflowClient
 
-from maskray.config import load_config
 from maskray.engine.driver import run_pretraining
 from maskray.weights import ARTIFACT_DIR, RUN_ARTIFACT
 
@@ -40,6 +40,7 @@ DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "simmim.yaml": (),
     "cl_mim_hybrid.yaml": (),
     "msn.yaml": ("objective.focal_views=2",),  # the demo trains without focal crops; run them end to end
+    "mae_gray.yaml": ("eval.random_init=true",),  # one channel: k-NN of the trained and the random encoder
 }
 # config file -> (the demo config whose few-step run it needs, the override naming that run by "{run_id}"). A
 # teacher's run has its checkpoints deleted first: teachers come from the run's kept artifacts.
@@ -54,12 +55,11 @@ ARTIFACTS = {"vqkd.yaml": "tokenizer/tokenizer.json"}
 def test_every_demo_config_runs_here() -> None:
     """A new demo config gets its few-step run here (configs that need an earlier run's output are listed in
     DEPENDS)."""
-    assert sorted(p.name for p in (REPO / "configs" / "demo").glob("*.yaml")) == sorted(
-        set(DEMO_CONFIGS) | {"mae_gray.yaml"})
+    assert sorted(p.name for p in (REPO / "configs" / "demo").glob("*.yaml")) == sorted(DEMO_CONFIGS)
 
 
 @pytest.fixture(scope="module")
-def demo_run(ray_session, demo_shards, tmp_path_factory, request):
+def demo_run(ray_session, demo_config, tmp_path_factory, request):
     """``demo_run(name)`` -> (result, config) of the few-step run of ``configs/demo/<name>``, once per module; all
     runs share one MLflow store."""
     root = tmp_path_factory.mktemp("demo-runs")
@@ -77,16 +77,11 @@ def demo_run(ray_session, demo_shards, tmp_path_factory, request):
         own = DEMO_CONFIGS[name]
         if any("{demo_clips}" in override for override in own):
             own = tuple(o.format(demo_clips=request.getfixturevalue("demo_clip_shards")) for o in own)
-        config = load_config(REPO / "configs" / "demo" / name, [
-            f"data.shards={demo_shards / 'train'}",
-            f"eval.train_shards={demo_shards / 'train'}",
-            f"eval.test_shards={demo_shards / 'test'}",
-            f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
-            f"tracking.storage_path={root / 'runs'}",
-            f"train.steps={STEPS}", "train.log_every=1", f"train.checkpoint_every={STEPS}", "optim.warmup_steps=1",
-            "data.batch_size=8", "eval.random_init=false", "scaling.workers=2",
-            *own, *extra,
-        ])
+        config = demo_config(
+            root, f"train.steps={STEPS}", "train.log_every=1", f"train.checkpoint_every={STEPS}",
+            "optim.warmup_steps=1", "data.batch_size=8", "eval.random_init=false", "scaling.workers=2", *own, *extra,
+            config=name,
+        )
         done[name] = run_pretraining(config, run_name=f"few-steps-{Path(name).stem}"), config
         return done[name]
 
@@ -112,3 +107,11 @@ def test_demo_config_runs_a_few_steps(name, demo_run) -> None:
         assert earlier.run_id in {params.get("objective.teacher.run_id"), params.get("objective.tokenizer.run_id")}
     if name == "dtm.yaml":
         assert len(params["objective.teacher.sha256"]) == 64
+
+
+def test_one_channel_demo_evaluates_and_exports(demo_run, tmp_path) -> None:
+    result, config = demo_run("mae_gray.yaml")
+    assert config.model.in_chans == 1
+    assert {"knn_top1", "knn_top1_random_init"} <= set(result.metrics)
+    assert result.metrics["skipped_samples"] == 0
+    check_export(result, config, tmp_path / "grey.safetensors", 1)

@@ -73,7 +73,7 @@ class Driver:
 
 
 def test_sigterm_checkpoints_and_exits_cleanly_and_a_killed_driver_never_duplicates_steps(
-    demo_shards, tmp_path
+    no_shared_ray, demo_shards, tmp_path
 ) -> None:
     runs = tmp_path / "runs" / "preempted"
     first = Driver(demo_shards, tmp_path)
