@@ -50,13 +50,17 @@ class RunSpec:
     tags: dict[str, str]
 
 
-def check_data(config: Config) -> None:
-    """Check data and normalisation: one line naming the key (DataError with the path; ConfigError when
-    ``data.mean`` / ``data.std`` do not give one value per ``model.in_chans`` channel)."""
+def check_normalisation(config: Config) -> None:
+    """ConfigError naming the key when ``data.mean`` / ``data.std`` do not give one value per ``model.in_chans``
+    channel (checked before the objective builds its transforms from them)."""
     try:
         channel_stats(config.data.mean, config.data.std, config.model.in_chans)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def check_data(config: Config) -> None:
+    """Check the shards and evaluation sets: one line naming the key (DataError with the path)."""
     shards = resolve_shards(config.data.shards, key="data.shards")
     channels = config.model.in_chans
     if channels not in (1, 3):  # 1 and 3 convert any image through PIL; other counts must match the data
@@ -76,6 +80,7 @@ def build_run_spec(config: Config, check_data_too: bool = True) -> RunSpec:
     typed = validate_objective(name, config.objective.params).resolved(project_root(), config.tracking.uri)
     config = config.model_copy(update={"objective": ObjectiveConfig(
         name=name, **typed.model_dump(mode="json", exclude_unset=True))})
+    check_normalisation(config)
     params, tags = config.flat(), config.run_tags()
     params["deepspeed.zero_stage"] = zero_stage(config.train, config.scaling.workers)
 
