@@ -1,5 +1,6 @@
-"""Shared fixtures: one Ray instance per session (2 CPUs) with a check for leftovers after each test on it, demo
-shards built once per session."""
+"""Shared fixtures: a local Ray (2 CPUs) per module, or one per session with ``MASKRAY_TEST_SHARED_RAY=1`` (see
+:func:`ray_session` for why not by default), with a check for leftovers after each test on it; demo shards and the
+demo config built once per session."""
 
 from __future__ import annotations
 
