@@ -1,6 +1,5 @@
-"""Shared fixtures: a local Ray (2 CPUs) per module, or one per session with ``MASKRAY_TEST_SHARED_RAY=1`` (see
-:func:`ray_session` for why not by default), with a check for leftovers after each test on it; demo shards and the
-demo config built once per session."""
+"""Shared fixtures: one local Ray (2 CPUs) for the session, with a check for leftovers after each test on it;
+demo shards and the demo config built once per session."""
 
 from __future__ import annotations
 
@@ -12,6 +11,10 @@ import pytest
 from helpers import free_port, local_s3, start_mlflow_server, stop_process
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Ray Train V2, read by its controller (propagated from the driver's environment): notice a finished worker group
+# within a quarter second rather than 2 s, and no node-drain watcher actor per run (no test drains a node)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Read when @triton.jit decorates a kernel: set before anything imports Triton. Kernels only run on CPU
 # tensors when a test also sets MASKRAY_TRITON_INTERPRET=1 (tests/test_kernels.py). MASKRAY_TRITON_DEVICE=cuda
 # (the GPU suite, benchmarks/gpu/run.sh) leaves it unset: the kernel tests then run compiled kernels on the GPU.
@@ -85,26 +88,19 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     SHARED_RAY.stop()
 
 
-# MASKRAY_TEST_SHARED_RAY=1: one instance for the whole session. Not the default: in one long-lived instance a
-# TorchTrainer run was seen to hang after requesting its resources (Ray 2.60, 0 of 2 CPUs in use, no pending
-# demand). Reproduced with the shared instance (the third Train run of the session, the first with 2 workers): the
-# GCS logged the Train controller actor as created, the controller logged "Requesting resources" and launched its
-# PlacementGroupCleaner, but the driver's core-worker log shows only the PENDING_CREATION notification for that
-# actor, never ALIVE, so the driver's ``controller.run`` call stayed queued (driver blocked in ray.get, controller's
-# event loop idle, raylet: 2 of 2 CPUs free, no placement group or lease pending). Not a leftover of earlier tests.
-SHARE_ACROSS_MODULES = os.environ.get("MASKRAY_TEST_SHARED_RAY") == "1"
-
-
+# A hang once kept this instance per module: in a long-lived instance a TorchTrainer run stopped after "Requesting
+# resources" (the driver's core worker never saw its controller actor ALIVE, so ``controller.run`` stayed queued).
+# Ray Train's fit() then left its controller alive until the next fit() (its SIGINT handler held the handle), so the
+# previous controller was released while the next one was being created. Since the driver restores its SIGINT
+# handler after each run (maskray.engine.driver_stop), controllers end with their run and the hang has not been
+# seen again (every Ray test on one instance, repeatedly); that this was its cause is likely, not proven.
 @pytest.fixture(scope="module")
 def ray_session():
-    """A local Ray with 2 CPUs (:class:`SharedRay`) for the module: a fresh instance per module (about 10 s each),
-    or with ``MASKRAY_TEST_SHARED_RAY=1`` the session's one instance, started by the first module that asks for it
+    """The session's local Ray with 2 CPUs (:class:`SharedRay`), started by the first module that asks for it
     (restarted for a module whose storage variables its workers lack: request ``s3_bucket`` before it).
     :func:`ray_leftovers` checks after every test on it that nothing is left holding resources (placement groups,
     CPUs, actors), and removes what is."""
-    yield SHARED_RAY.start()
-    if not SHARE_ACROSS_MODULES:
-        SHARED_RAY.stop()
+    return SHARED_RAY.start()
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +113,6 @@ def no_shared_ray():
 # Detached actors that Ray itself keeps for the life of the instance: Ray Data's / Train V2's resource-request
 # coordinator (one per cluster, it forwards requests to the autoscaler; expired requests are purged).
 KEPT_ACTORS = {"AutoscalingCoordinator"}
-# What Ray Train V2 (2.60) leaves alive after every ``fit()``: its controller and dataset manager actors (0 CPUs);
-# known, so that a test that left only these is not waited on.
-TRAIN_ACTOR_CLASSES = {"TrainController", "DatasetManager"}
 
 
 def _leftovers(ray) -> list[str]:
@@ -136,7 +129,7 @@ def _leftovers(ray) -> list[str]:
 
         found += [f"actor {actor.class_name} {actor.name or ''} ({actor.actor_id}) alive"
                   for actor in list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-                  if actor.name not in KEPT_ACTORS and actor.class_name not in TRAIN_ACTOR_CLASSES]
+                  if actor.name not in KEPT_ACTORS]
     except Exception as error:  # the state API needs the dashboard
         found.append(f"(actors not listed: {type(error).__name__})")
     return found if any(not item.startswith("(") for item in found) else []
@@ -146,8 +139,8 @@ def _leftovers(ray) -> list[str]:
 def ray_leftovers(request):
     """After each test that used the shared Ray: warn (a pytest warning, listed in the summary) about placement
     groups, CPUs in use or live actors it left behind once they had 5 s to go (Ray releases them asynchronously),
-    and remove the placement groups so later tests start clean. A warning, not a failure: Ray Train V2 keeps
-    detached helper actors alive a while after a run."""
+    and remove the placement groups so later tests start clean. A warning, not a failure: what Ray releases
+    asynchronously can take longer on a loaded machine."""
     yield
     if "ray_session" not in request.fixturenames or not SHARED_RAY.running:
         return

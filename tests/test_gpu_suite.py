@@ -36,6 +36,12 @@ def test_gpu_suite_smoke(tmp_path):
                  "same first-step loss (relative spread)", "ZeRO-0: loss falls, finite", "ZeRO-2: loss falls, finite"):
         assert targets[name], (name, summary)
     assert len(list(tmp_path.iterdir())) <= 8  # the device tool brings back 8 files
+    # each library's peers_step.py worker process reports its speed, FLOPs and memory (peak RSS above training's)
+    rows = json.loads((tmp_path / "peers.json").read_text())["result"]["rows"]
+    assert sorted(row["library"] for row in rows) == ["hf", "lightly", "maskray"]
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["gflop_per_image"] > 0, row
+        assert 0 < row["training_mib"] < row["peak_rss_mib"], row
 
 
 def test_targets_read_the_figures():

@@ -2,7 +2,8 @@
 
 Each objective's demo config (``configs/demo/<name>.yaml``) runs ``STEPS`` optimizer steps with 2 workers at a
 small batch, checkpoints once and reports its final k-NN; the run must finish with finite losses logged for
-every step window and its final encoder as an artifact. Learning at full budget is ``benchmarks/objectives.py``'s
+every step window, the loop's metrics, its figures and its final encoder as artifacts (MAE's run also evaluates
+during training). Learning at full budget is ``benchmarks/objectives.py``'s
 job (BENCHMARKS.md). The one-channel demo (``mae_gray.yaml``) also evaluates its random init and exports to timm.
 """
 
@@ -13,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import check_export
+from helpers import check_export, metric_steps
 from mlflow.tracking import MlflowClient
 
 from maskray.engine.driver import run_pretraining
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 # "{demo_clips}" stands for the demo_clip_shards fixture's directory (built only for configs that name it)
 CLIPS = ("data.shards={demo_clips}/clips", "eval.train_shards={demo_clips}/train", "eval.test_shards={demo_clips}/test")
 DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
-    "mae.yaml": (),
+    "mae.yaml": ("eval.every=2", "data.num_workers=2"),  # a k-NN during training too; loader processes
     "dtm.yaml": (),  # its teacher: DEPENDS
     "vqkd.yaml": ("objective.teacher.source=random", "objective.teacher.arch=vit_tiny_patch16_224",
                   "objective.teacher.model_kwargs={patch_size: 4, depth: 1}", "objective.num_codes=32"),
@@ -79,7 +80,8 @@ def demo_run(ray_session, demo_config, tmp_path_factory, request):
             own = tuple(o.format(demo_clips=request.getfixturevalue("demo_clip_shards")) for o in own)
         config = demo_config(
             root, f"train.steps={STEPS}", "train.log_every=1", f"train.checkpoint_every={STEPS}",
-            "optim.warmup_steps=1", "data.batch_size=8", "eval.random_init=false", "scaling.workers=2", *own, *extra,
+            "optim.warmup_steps=1", "data.batch_size=8", "data.num_workers=0", "eval.random_init=false",
+            "scaling.workers=2", *own, *extra,
             config=name,
         )
         done[name] = run_pretraining(config, run_name=f"few-steps-{Path(name).stem}"), config
@@ -95,7 +97,8 @@ def test_demo_config_runs_a_few_steps(name, demo_run) -> None:
     history = client.get_metric_history(result.run_id, "loss")
     assert [m.step for m in history] == list(range(1, STEPS + 1))
     assert all(math.isfinite(m.value) for m in history)
-    assert "knn_top1" in result.metrics
+    assert {"loss", "knn_top1", "images_per_s", "data_wait_frac", "skipped_samples", "lr"} <= set(result.metrics)
+    assert "loss_curve.png" in {a.path for a in client.list_artifacts(result.run_id)}
     # the final encoder, kept when the checkpoints rotate (a later run's frozen teacher)
     assert RUN_ARTIFACT in [a.path for a in client.list_artifacts(result.run_id, ARTIFACT_DIR)]
     if name in ARTIFACTS:
@@ -107,6 +110,9 @@ def test_demo_config_runs_a_few_steps(name, demo_run) -> None:
         assert earlier.run_id in {params.get("objective.teacher.run_id"), params.get("objective.tokenizer.run_id")}
     if name == "dtm.yaml":
         assert len(params["objective.teacher.sha256"]) == 64
+    if name == "mae.yaml":  # every eval.every steps during training, and at the end; the objective's figures
+        assert metric_steps(config, result.run_id, "knn_top1") == [2, STEPS]
+        assert "reconstructions.png" in {a.path for a in client.list_artifacts(result.run_id)}
 
 
 def test_one_channel_demo_evaluates_and_exports(demo_run, tmp_path) -> None:

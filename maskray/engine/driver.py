@@ -104,7 +104,7 @@ def run_pretraining(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from maskray.engine.stopping import DriverStop
+    from maskray.engine.driver_stop import DriverStop
     from maskray.engine.worker import train_loop_per_worker
 
     spec = build_run_spec(config)

@@ -1,11 +1,12 @@
 """Stopping a run on request: SIGTERM to the driver or to a training worker checkpoints, then exits cleanly.
 
-Two sources, one decision. The driver's SIGTERM handler sets a :class:`StopRequest` (a small named Ray actor
-that the driver owns); rank 0 polls it without blocking. A worker's own SIGTERM (its node is going away) sets
-a flag in that worker's process: Ray's handler, which exits the worker at once, is replaced by one that only
-records the signal (:func:`install_worker_sigterm`, run on the worker actor's main thread, the only one that may
-set signal handlers). After every optimizer step the ranks all-reduce both flags (:meth:`StopSignal.poll`), so
-all of them stop at the same step: they save a checkpoint there, and then
+Two sources, one decision. The driver's SIGTERM handler sets a :class:`~maskray.engine.driver_stop.StopRequest`
+(a small named Ray actor that the driver owns, :mod:`maskray.engine.driver_stop`); rank 0 polls it without
+blocking. A worker's own SIGTERM (its node is going away) sets a flag in that worker's process: Ray's handler,
+which exits the worker at once, is replaced by one that only records the signal (:func:`install_worker_sigterm`,
+run on the worker actor's main thread, the only one that may set signal handlers). After every optimizer step
+the ranks all-reduce both flags (:meth:`StopSignal.poll`), so all of them stop at the same step: they save a
+checkpoint there, and then
 
 - on the driver's request the training function returns and the driver exits with one line (re-submitting
   the run name resumes it);
@@ -17,74 +18,20 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 
 import torch
 import torch.distributed as dist
 
+from maskray.engine.driver_stop import DRIVER_REQUEST
+
 logger = logging.getLogger(__name__)
 
-DRIVER_REQUEST = "SIGTERM to the driver"
 _WORKER_SIGTERM = threading.Event()  # set in this worker process by its SIGTERM handler
 
 
 class WorkerTerminated(RuntimeError):
     """A training worker received SIGTERM; the group checkpointed and Ray Train restarts it."""
-
-
-class StopRequest:
-    """The driver's stop request (run as a Ray actor): set once by the driver, read by rank 0."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-
-    def request(self, reason: str) -> None:
-        self.reason = self.reason or reason
-
-    def get(self) -> str | None:
-        return self.reason
-
-
-def stop_request_name(run_id: str) -> str:
-    return f"maskray-stop-{run_id}"
-
-
-class DriverStop:
-    """The driver's side: the named :class:`StopRequest` actor and the SIGTERM handler that sets it.
-
-    The first SIGTERM prints one line and asks the workers to checkpoint and return; a second one exits at
-    once (code 143). The handler is only installed in the main thread (a Tune trial runs the driver in
-    another one, and Tune handles its own signals)."""
-
-    def __init__(self, run_id: str) -> None:
-        import ray
-
-        self.name = stop_request_name(run_id)
-        self.actor = ray.remote(num_cpus=0)(StopRequest).options(name=self.name, get_if_exists=True).remote()
-        self.requested = threading.Event()
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum, frame) -> None:
-        if self.requested.is_set():
-            print("stopped: second SIGTERM, exiting without waiting for the checkpoint", file=sys.stderr, flush=True)
-            import os
-
-            os._exit(128 + signal.SIGTERM)
-        self.requested.set()
-        print("SIGTERM: the workers checkpoint at their next step, then the run stops (SIGTERM again: exit now)",
-              file=sys.stderr, flush=True)
-        # not from inside the handler: it interrupts the main thread in the middle of a Ray call
-        threading.Thread(target=self.actor.request.remote, args=(DRIVER_REQUEST,), daemon=True).start()
-
-    def close(self) -> None:
-        import ray
-
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-        ray.kill(self.actor)
 
 
 def _record_sigterm(signum, frame) -> None:
