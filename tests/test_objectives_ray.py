@@ -3,8 +3,8 @@
 Each objective's demo config (``configs/demo/<name>.yaml``) runs ``STEPS`` optimizer steps with 2 workers at a
 small batch, checkpoints once and reports its final k-NN; the run must finish with finite losses logged for
 every step window, the loop's metrics, its figures and its final encoder as artifacts (MAE's run also evaluates
-during training). Learning at full budget is ``benchmarks/objectives.py``'s
-job (BENCHMARKS.md). The one-channel demo (``mae_gray.yaml``) also evaluates its random init and exports to timm.
+during training). Learning at full budget is ``benchmarks/objectives.py``'s job (BENCHMARKS.md). The one-channel
+demo (``mae_gray.yaml``) also evaluates its random init and exports to timm.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def test_demo_config_runs_a_few_steps(name, demo_run) -> None:
     assert [m.step for m in history] == list(range(1, STEPS + 1))
     assert all(math.isfinite(m.value) for m in history)
     assert {"loss", "knn_top1", "images_per_s", "data_wait_frac", "skipped_samples", "lr"} <= set(result.metrics)
-    assert "loss_curve.png" in {a.path for a in client.list_artifacts(result.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert "loss_curve.png" in artifacts
     # the final encoder, kept when the checkpoints rotate (a later run's frozen teacher)
     assert RUN_ARTIFACT in [a.path for a in client.list_artifacts(result.run_id, ARTIFACT_DIR)]
     if name in ARTIFACTS:
@@ -112,7 +113,7 @@ def test_demo_config_runs_a_few_steps(name, demo_run) -> None:
         assert len(params["objective.teacher.sha256"]) == 64
     if name == "mae.yaml":  # every eval.every steps during training, and at the end; the objective's figures
         assert metric_steps(config, result.run_id, "knn_top1") == [2, STEPS]
-        assert "reconstructions.png" in {a.path for a in client.list_artifacts(result.run_id)}
+        assert "reconstructions.png" in artifacts
 
 
 def test_one_channel_demo_evaluates_and_exports(demo_run, tmp_path) -> None:

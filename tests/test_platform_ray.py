@@ -77,13 +77,13 @@ def test_every_zero_stage_resumes_the_composite_alike(ray_session, demo_config, 
         for step in (3, 4):
             assert lr[step] == pytest.approx(warmup_cosine(step, config.learning_rate(), 4, 2), abs=1e-9), (stage, lr)
 
+        checksum = teacher_checksum(saved["teachers"]["parts.twoview_ema.teacher"])
         for rank in (0, 1):
             records = _trace(trace, rank)
             assert [(r["step"], r["micro"]) for r in records] == [(s, m) for s in range(4) for m in range(2)]
             resumed = [r for r in records if r["step"] >= 2]
             # the resumed process starts from exactly the saved teacher and counter, and draws the masks that the
             # uninterrupted run drew at the same steps
-            checksum = teacher_checksum(saved["teachers"]["parts.twoview_ema.teacher"])
             assert {r["teacher"] for r in resumed} == {checksum}, stage
             assert resumed[0]["seen"] == 2 * 2 * 8 + 8
             assert [r["ids_keep"] for r in records] == [r["ids_keep"] for r in reference_records[rank]], stage

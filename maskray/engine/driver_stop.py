@@ -30,11 +30,12 @@ def stop_request_name(run_id: str) -> str:
 
 
 class DriverStop:
-    """The named :class:`StopRequest` actor and the driver's SIGTERM handler that sets it.
+    """The named :class:`StopRequest` actor and the driver's SIGTERM handler that sets it, for one run.
 
     The first SIGTERM prints one line and asks the workers to checkpoint and return; a second one exits at
     once (code 143). The handler is only installed in the main thread (a Tune trial runs the driver in
-    another one, and Tune handles its own signals)."""
+    another one, and Tune handles its own signals). :meth:`close` puts back the SIGTERM and SIGINT handlers
+    the driver had before the run and ends the actor."""
 
     def __init__(self, run_id: str) -> None:
         import ray
