@@ -175,17 +175,41 @@ def demo_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_config(demo_shards):
-    """``demo_config(root, *overrides, config="mae.yaml")``: ``configs/demo/<config>`` on the demo shards (training
-    and both k-NN sets), tracked in ``root`` (``root/mlflow.db``, checkpoints under ``root/runs``), then
+def knn_shards(demo_shards) -> Path:
+    """``<tmp>/demo/knn/{train,test}``: the first two shards of each demo split (about 200 images each, their
+    manifest rows only), the k-NN sets of the end-to-end runs. The whole splits (900 images each) would make the
+    encoder's forward passes a third of a short run's CPU time; the k-NN's accuracy is tested in
+    test_eval_compare_export.py and measured in benchmarks/."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out = demo_shards / "knn"
+    for split in ("train", "test"):
+        table = pq.read_table(demo_shards / split / "manifest.parquet")
+        kept = sorted(set(table["shard"].to_pylist()))[:2]
+        (out / split).mkdir(parents=True)
+        pq.write_table(table.filter(pc.is_in(table["shard"], value_set=pa.array(kept))),
+                       out / split / "manifest.parquet")
+        for name in kept:
+            shutil.copy(demo_shards / split / name, out / split / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_config(demo_shards, knn_shards):
+    """``demo_config(root, *overrides, config="mae.yaml")``: ``configs/demo/<config>`` on the demo shards (training;
+    the k-NN on :func:`knn_shards`), tracked in ``root`` (``root/mlflow.db``, checkpoints under ``root/runs``), then
     ``overrides`` (later ones win: ``eval.train_shards=null`` turns the k-NN off). The tiny demo run of the end to
     end tests."""
     from maskray.config import load_config
 
     def build(root: Path, *overrides: str, config: str = "mae.yaml"):
         return load_config(REPO / "configs" / "demo" / config, [
-            f"data.shards={demo_shards / 'train'}", f"eval.train_shards={demo_shards / 'train'}",
-            f"eval.test_shards={demo_shards / 'test'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+            f"data.shards={demo_shards / 'train'}", f"eval.train_shards={knn_shards / 'train'}",
+            f"eval.test_shards={knn_shards / 'test'}", f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
             f"tracking.storage_path={root / 'runs'}", *overrides,
         ])
 

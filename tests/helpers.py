@@ -1,6 +1,6 @@
 """Shared test helpers: arrays as PNG or ``.npy`` bytes (as shards store them), running a launcher, demo digits
 and a tiny VQ-KD tokenizer, a free local port, copying a directory to a filesystem URI, a local S3-compatible
-server, two gloo processes, and reading back what a run logged to MLflow."""
+server, two gloo processes, two Ray Train runs side by side, and reading back what a run logged to MLflow."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import os
 import runpy
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -146,6 +147,24 @@ def spawn_two(worker) -> dict:
     results = mp.Manager().dict()
     mp.spawn(worker, args=(free_port(), results), nprocs=2, join=True)
     return dict(results)
+
+
+# Ray Train runs share the session's 2 CPUs two at a time: with 0.5 CPU per training worker, two runs of two workers
+# (or of one worker at 1 CPU) fit side by side. Much of a short run is one process starting while the other core idles
+# (its controller, then its workers' imports), so two at a time take about a quarter less than one after the other.
+SIDE_BY_SIDE = ("scaling.cpus_per_worker=0.5",)
+
+
+def two_at_a_time(jobs: Mapping[str, Callable[[dict[str, Future]], object]]) -> dict[str, Future]:
+    """Run ``jobs`` (name -> job) in two threads, in the mapping's order, and wait for all of them. Each job gets
+    every job's future, so it can wait for one submitted before it (a run that needs an earlier run's output);
+    returns the futures (``.result()`` gives a job's value or raises its error, in the test that asks)."""
+    futures: dict[str, Future] = {}
+    with ThreadPoolExecutor(2) as pool:
+        for name, job in jobs.items():
+            futures[name] = pool.submit(job, futures)
+        wait(futures.values())
+    return futures
 
 
 def start_mlflow_server(root: Path, port: int):

@@ -23,14 +23,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_run_checkpoints_to_s3_resumes_from_it_and_tracks_on_a_server(
-    s3_bucket, mlflow_server, ray_session, demo_shards, tmp_path, monkeypatch
+    s3_bucket, mlflow_server, ray_session, demo_shards, knn_shards, tmp_path, monkeypatch
 ) -> None:
     tracking_uri, artifacts = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)  # tracking.uri stays null
     shards = upload(demo_shards / "train", f"{s3_bucket}/shards/train")
+    knn = upload(knn_shards / "train", f"{s3_bucket}/shards/knn")
     runs = f"{s3_bucket}/maskray"
     config = load_config(REPO / "configs/demo/mae.yaml", [
-        f"data.shards={shards}", f"eval.train_shards={shards}", f"eval.test_shards={shards}", "eval.every=0",
+        f"data.shards={shards}", f"eval.train_shards={knn}", f"eval.test_shards={knn}", "eval.every=0",
         f"tracking.storage_path={runs}", "train.steps=6", "train.log_every=2", "train.checkpoint_every=2",
         "optim.warmup_steps=2", "data.batch_size=16",
     ])

@@ -25,15 +25,15 @@ def _copy(tmp_path: Path) -> tuple[str, Path]:
     return f"sqlite:///{root / 'mlflow.db'}", root / "runs" / "pre-platform" / "checkpoint_step2"
 
 
-def test_pre_platform_checkpoint_evaluates_into_its_old_run(ray_session, demo_shards, tmp_path) -> None:
+def test_pre_platform_checkpoint_evaluates_into_its_old_run(ray_session, knn_shards, tmp_path) -> None:
     store, checkpoint = _copy(tmp_path)
     config = read_checkpoint_config(checkpoint)
     assert (config.objective.name, config.objective.params["mask_ratio"], config.model.depth) == ("mae", 0.75, 1)
     target = resolve_target(store, checkpoint=checkpoint)
     client = MlflowClient(store)
     assert target.step == 2 and client.get_run(target.run_id).data.tags["maskray.run_name"] == "pre-platform"
-    metrics = evaluate(target, EvalSettings(kinds=("knn",), train_shards=str(demo_shards / "train"),
-                                            test_shards=str(demo_shards / "test")))
+    metrics = evaluate(target, EvalSettings(kinds=("knn",), train_shards=str(knn_shards / "train"),
+                                            test_shards=str(knn_shards / "test")))
     assert 10.0 < metrics["knn_top1"] <= 100.0
     assert [m.step for m in client.get_metric_history(target.run_id, "knn_top1")] == [2]
     rows = compare_runs(store, "maskray-demo")

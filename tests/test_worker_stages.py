@@ -35,12 +35,12 @@ class _Context:
 
 
 @pytest.fixture
-def worker_run(process_group, demo_shards, tmp_path, monkeypatch) -> WorkerRun:
+def worker_run(process_group, demo_shards, knn_shards, tmp_path, monkeypatch) -> WorkerRun:
     """Set-up of a one-rank MAE run on the demo shards (its SIGTERM handler needs a Ray actor: left out)."""
     monkeypatch.setattr(worker, "install_worker_sigterm", lambda: None)
     config = load_config(REPO / "configs" / "demo" / "mae.yaml", [
-        f"data.shards={demo_shards / 'train'}", f"eval.train_shards={demo_shards / 'train'}",
-        f"eval.test_shards={demo_shards / 'test'}", "data.num_workers=0", "data.batch_size=16", "scaling.workers=1",
+        f"data.shards={demo_shards / 'train'}", f"eval.train_shards={knn_shards / 'train'}",
+        f"eval.test_shards={knn_shards / 'test'}", "data.num_workers=0", "data.batch_size=16", "scaling.workers=1",
         "train.steps=3", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.storage_path={tmp_path}",
     ])
     spec = build_run_spec(config)
