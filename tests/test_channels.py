@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import io
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import check_export
+from helpers import check_export, launch
 from PIL import Image
 
 from maskray.config import load_config
@@ -132,16 +130,13 @@ def test_grey_demo_config_is_one_channel() -> None:
     assert (config.model.in_chans, config.data.mean, config.data.std) == (1, (0.5,), (0.5,))
 
 
-def test_driver_rejects_a_mean_of_the_wrong_length(demo_shards, tmp_path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(REPO / "launch/pretrain.py"), "--config", str(REPO / "configs/demo/mae_gray.yaml"),
-         "--set", f"data.shards={demo_shards / 'train'}", "--set", "data.mean=[0.5,0.5]",
-         "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 2, done.stderr
-    assert done.stderr == ("error: data.mean has 2 values, model.in_chans is 1 "
-                           "(give one per channel, or 3 to average)\n")
+def test_driver_rejects_a_mean_of_the_wrong_length(demo_shards, tmp_path, capsys) -> None:
+    code = launch("pretrain.py", "--config", str(REPO / "configs/demo/mae_gray.yaml"),
+                  "--set", f"data.shards={demo_shards / 'train'}", "--set", "data.mean=[0.5,0.5]",
+                  "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == "error: data.mean has 2 values, model.in_chans is 1 (give one per channel, or 3 to average)\n"
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import launch
 
 from maskray.config import load_config
 from maskray.errors import ConfigError
@@ -81,19 +82,20 @@ def test_cli_config_error_exits_2_with_one_line(tmp_path) -> None:
     assert "unknown key 'model.colour'" in result.stderr
 
 
-def test_cli_missing_data_exits_2(tmp_path) -> None:
-    result = _pretrain("--set", f"data.shards={tmp_path / 'missing'}", cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0
-    assert "data.shards" in result.stderr and "missing" in result.stderr
+# the launcher in this process (the test above runs it as its own process)
+def test_cli_missing_data_exits_2(tmp_path, capsys) -> None:
+    assert launch("pretrain.py", "--set", f"data.shards={tmp_path / 'missing'}") == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0
+    assert "data.shards" in err and "missing" in err
 
 
-def test_cli_empty_dataset_exits_2(tmp_path) -> None:
+def test_cli_empty_dataset_exits_2(tmp_path, capsys) -> None:
     from maskray.data.manifest import write_manifest
 
     (tmp_path / "empty").mkdir()
     columns = {"shard": [], "key": [], "label": [], "nbytes": [], "sha256": [], "frames": []}
     write_manifest(tmp_path / "empty", columns, num_classes=0, class_names=(), source="test")
-    result = _pretrain("--set", f"data.shards={tmp_path / 'empty'}", cwd=tmp_path)
-    assert result.returncode == 2 and "empty" in result.stderr
-    assert result.stderr.strip().count("\n") == 0
+    assert launch("pretrain.py", "--set", f"data.shards={tmp_path / 'empty'}") == 2
+    err = capsys.readouterr().err
+    assert "empty" in err and err.strip().count("\n") == 0

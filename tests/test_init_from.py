@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from helpers import launch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
@@ -188,14 +187,12 @@ def test_relative_path_resolves_and_sha256_becomes_a_param(tmp_path) -> None:
     assert "model.init_from_sha256" not in build_run_spec(Config(), check_data_too=False).params
 
 
-def test_cli_missing_init_from_exits_2_with_one_line(tmp_path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "pretrain.py"), "--set", "model.init_from=missing.safetensors"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0
-    assert "model.init_from" in result.stderr and str(tmp_path / "missing.safetensors") in result.stderr
+def test_cli_missing_init_from_exits_2_with_one_line(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # the relative path resolves against the working directory
+    assert launch("pretrain.py", "--set", "model.init_from=missing.safetensors") == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0
+    assert "model.init_from" in err and str(tmp_path / "missing.safetensors") in err
 
 
 @pytest.mark.slow

@@ -3,11 +3,10 @@ are MLflow runs nested under the sweep's run, one failing trial not losing the o
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import launch
 from mlflow.tracking import MlflowClient
 
 from maskray.config import load_config
@@ -60,12 +59,11 @@ def test_every_combination_is_validated_before_any_trial(demo_shards, tmp_path) 
         plan_trials(CONFIG, overrides, parse_grid(["tracking.experiment=a,b"]), "s")
 
 
-def test_a_bad_grid_value_stops_the_launcher_with_one_line(demo_shards, tmp_path) -> None:
+def test_a_bad_grid_value_stops_the_launcher_with_one_line(demo_shards, tmp_path, capsys) -> None:
     sets = [arg for override in _overrides(demo_shards, tmp_path) for arg in ("--set", override)]
-    done = subprocess.run([sys.executable, str(REPO / "launch/sweep.py"), "--config", CONFIG, *sets,
-                           "--grid", "objective.mask_ratio=0.5,2"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("error: --grid objective.mask_ratio=2: ") and done.stderr.count("\n") == 1
+    assert launch("sweep.py", "--config", CONFIG, *sets, "--grid", "objective.mask_ratio=0.5,2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --grid objective.mask_ratio=2: ") and err.count("\n") == 1, err
     assert not (tmp_path / "mlflow.db").exists()  # nothing was created
 
 
