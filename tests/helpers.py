@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import runpy
 import socket
 import sys
@@ -46,6 +47,15 @@ def launch(script: str, *args: str) -> int:
     finally:
         sys.argv = argv
     return 0
+
+
+RAY_FORWARDED = re.compile(r"^(\x1b\[\d+m)?\([\w.:-]+ pid=\d+(, ip=[\d.]+)?\)")
+
+
+def own_lines(stderr: str) -> list[str]:
+    """The lines of a launcher's stderr captured in this process, less those Ray's log monitor forwards from the
+    shared instance's workers (``(RayTrainWorker pid=...) ...``): they arrive whenever it reads them."""
+    return [line for line in stderr.splitlines() if line.strip() and not RAY_FORWARDED.match(line)]
 
 
 def demo_digits(size: int, count: int):

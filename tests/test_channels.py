@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import check_export, launch
+from helpers import check_export, launch, own_lines
 from PIL import Image
 
 from maskray.config import load_config
@@ -134,9 +134,9 @@ def test_driver_rejects_a_mean_of_the_wrong_length(demo_shards, tmp_path, capsys
     code = launch("pretrain.py", "--config", str(REPO / "configs/demo/mae_gray.yaml"),
                   "--set", f"data.shards={demo_shards / 'train'}", "--set", "data.mean=[0.5,0.5]",
                   "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
-    err = capsys.readouterr().err
+    err = own_lines(capsys.readouterr().err)
     assert code == 2, err
-    assert err == "error: data.mean has 2 values, model.in_chans is 1 (give one per channel, or 3 to average)\n"
+    assert err == ["error: data.mean has 2 values, model.in_chans is 1 (give one per channel, or 3 to average)"]
     assert not (tmp_path / "mlflow.db").exists()
 
 

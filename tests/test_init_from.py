@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import launch
+from helpers import launch, own_lines
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
@@ -190,9 +190,8 @@ def test_relative_path_resolves_and_sha256_becomes_a_param(tmp_path) -> None:
 def test_cli_missing_init_from_exits_2_with_one_line(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)  # the relative path resolves against the working directory
     assert launch("pretrain.py", "--set", "model.init_from=missing.safetensors") == 2
-    err = capsys.readouterr().err
-    assert err.strip().count("\n") == 0
-    assert "model.init_from" in err and str(tmp_path / "missing.safetensors") in err
+    err = own_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "model.init_from" in err[0] and str(tmp_path / "missing.safetensors") in err[0], err
 
 
 @pytest.mark.slow
