@@ -11,7 +11,7 @@ import runpy
 import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -159,9 +159,10 @@ def spawn_two(worker) -> dict:
     return dict(results)
 
 
-# Ray Train runs share the session's 2 CPUs two at a time: with 0.5 CPU per training worker, two runs of two workers
-# (or of one worker at 1 CPU) fit side by side. Much of a short run is one process starting while the other core idles
-# (its controller, then its workers' imports), so two at a time take about a quarter less than one after the other.
+# Ray Train runs share the session's 2 CPUs two at a time: with 0.5 CPU per training worker, two runs of up to two
+# workers fit side by side. Much of a short 1-worker run is one process starting while the other core idles (its
+# controller, then its worker's imports): two such runs at a time take about a quarter less than one after the other
+# (CONTRIBUTING.md: 2-worker runs gain little, their gloo ranks then share the cores).
 SIDE_BY_SIDE = ("scaling.cpus_per_worker=0.5",)
 
 
@@ -170,10 +171,9 @@ def two_at_a_time(jobs: Mapping[str, Callable[[dict[str, Future]], object]]) -> 
     every job's future, so it can wait for one submitted before it (a run that needs an earlier run's output);
     returns the futures (``.result()`` gives a job's value or raises its error, in the test that asks)."""
     futures: dict[str, Future] = {}
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(2) as pool:  # leaving the block waits for every job
         for name, job in jobs.items():
             futures[name] = pool.submit(job, futures)
-        wait(futures.values())
     return futures
 
 

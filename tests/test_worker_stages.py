@@ -9,10 +9,8 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO
 from mlflow.tracking import MlflowClient
 
-from maskray.config import load_config
 from maskray.context import StepContext
 from maskray.engine import worker
 from maskray.engine.step import optimizer_step
@@ -35,14 +33,10 @@ class _Context:
 
 
 @pytest.fixture
-def worker_run(process_group, demo_shards, knn_shards, tmp_path, monkeypatch) -> WorkerRun:
+def worker_run(process_group, demo_config, tmp_path, monkeypatch) -> WorkerRun:
     """Set-up of a one-rank MAE run on the demo shards (its SIGTERM handler needs a Ray actor: left out)."""
     monkeypatch.setattr(worker, "install_worker_sigterm", lambda: None)
-    config = load_config(REPO / "configs" / "demo" / "mae.yaml", [
-        f"data.shards={demo_shards / 'train'}", f"eval.train_shards={knn_shards / 'train'}",
-        f"eval.test_shards={knn_shards / 'test'}", "data.num_workers=0", "data.batch_size=16", "scaling.workers=1",
-        "train.steps=3", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.storage_path={tmp_path}",
-    ])
+    config = demo_config(tmp_path, "data.num_workers=0", "data.batch_size=16", "scaling.workers=1", "train.steps=3")
     spec = build_run_spec(config)
     run_id, _ = find_or_create_run(spec.config.tracking.uri, "stages", "r", spec.params, spec.tags)
     loop_config = {"mlflow_run_id": run_id, "tracking_uri": spec.config.tracking.uri, "device": torch.device("cpu")}
