@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from maskray.tracking import RunLogger
+if TYPE_CHECKING:  # only rank 0 holds a logger: the other ranks never import MLflow
+    from maskray.tracking import RunLogger
 
 
 def last_logged_steps(logger: RunLogger) -> dict[str, int]:

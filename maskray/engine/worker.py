@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -59,9 +60,10 @@ from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
 from maskray.models import MaskedViT, build_encoder, load_pretrained
 from maskray.objective import build_objective
 from maskray.run_spec import RunSpec
-from maskray.tracking import RunLogger
-from maskray.tracking.figures import loss_curve_figure
 from maskray.weights import ARTIFACT_DIR, RUN_ARTIFACT, weights_metadata
+
+if TYPE_CHECKING:  # rank 0 imports MLflow and matplotlib when it logs; the other ranks never do (~1.5 CPU-s)
+    from maskray.tracking import RunLogger
 
 
 class WindowStats:
@@ -168,7 +170,12 @@ class WorkerRun:
             with checkpoint.as_directory() as directory:
                 run.start, run.run_id = load_training_state(run.engine, run.objective, run.randomness, directory,
                                                             run.rank)
-        run.logger = RunLogger(loop_config["tracking_uri"], run.run_id) if run.rank == 0 else None
+        if run.rank == 0:
+            from maskray.tracking import RunLogger
+
+            run.logger = RunLogger(loop_config["tracking_uri"], run.run_id)
+        else:
+            run.logger = None
         run.held = HeldMetrics(run.logger) if run.logger else None
         install_worker_sigterm()
         run.stop = StopSignal(loop_config.get("stop_request"), run.rank, run.device)
@@ -283,6 +290,8 @@ class WorkerRun:
         with failing_together(self.device):
             if self.logger:
                 self.held.flush()
+                from maskray.tracking.figures import loss_curve_figure
+
                 self.logger.log_figure(loss_curve_figure(self.logger), "loss_curve.png")
                 if self.engine.zero_optimization_stage() < 3:  # rank 0 holds every parameter
                     sample = to_device(next(self.batches), self.device, self.dtype)
