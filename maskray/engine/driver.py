@@ -101,7 +101,7 @@ def run_pretraining(
     after a SIGTERM (the workers checkpointed) and :class:`~maskray.errors.TrainingStopped` when they stopped on
     non-finite losses; the MLflow run is then FAILED until a re-submission resumes it.
     """
-    from ray import cloudpickle
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -126,10 +126,10 @@ def run_pretraining(
     stop = DriverStop(run_id)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        # the spec as bytes: Ray Train's controller unpickles train_loop_config (its run context) without using it,
-        # and the spec's typed classes would make it import the model stack, ~5 CPU-s per run
+        # the spec by reference: Ray Train's controller unpickles train_loop_config (its run context) without using
+        # it, and the spec's typed classes would make it import the model stack, ~5 CPU-s per run
         train_loop_config={
-            "spec": cloudpickle.dumps(spec),
+            "spec": ray.put(spec),
             "mlflow_run_id": run_id,
             "tracking_uri": tracking_uri,
             "max_steps": max_steps,

@@ -308,18 +308,18 @@ class WorkerRun:
 
 def train_loop_per_worker(loop_config: dict) -> str | MaskrayError | None:
     """Entry point run by Ray Train on every worker. ``loop_config`` is built by the driver: the run
-    specification (``spec``, pickled), the MLflow run id and store, ``max_steps`` and the stop request's name.
-    Returns why the run stopped before its last step (the driver's SIGTERM, non-finite losses), the user error that
-    stopped every rank (:mod:`maskray.engine.fail_fast`), or None."""
+    specification (``spec``, by object reference), the MLflow run id and store, ``max_steps``, the stop request's
+    name. Returns why the run stopped before its last step (the driver's SIGTERM, non-finite losses), the user error
+    that stopped every rank (:mod:`maskray.engine.fail_fast`), or None."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import ray
     import ray.train
     import ray.train.torch
-    from ray import cloudpickle
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is enough: ours
     loop_config = {**loop_config, "device": ray.train.torch.get_device()}
     try:
-        spec = cloudpickle.loads(loop_config["spec"])
+        spec = ray.get(loop_config["spec"])
         run = WorkerRun.set_up(spec, loop_config, ray.train.get_context(), ray.train.get_checkpoint())
         run.baseline()
         stopped = run.train()
