@@ -56,8 +56,8 @@ def test_lost_workers_restart_from_their_checkpoints_and_every_step_is_logged_on
 def test_non_finite_losses_on_one_rank_are_dropped_on_all_then_stop_the_run(ray_session, demo_config, tmp_path) -> None:
     # rank 1 only: one NaN batch at step 2 (dropped), then NaN for good from step 8 (3 in a row stop the run)
     config = demo_config(tmp_path, *SMALL, "objective.name=nan_mae", "objective.nan_at={1: 1, 7: 100}",
-                         "objective.nan_rank=1", "train.max_bad_batches=3", "train.steps=10", "train.log_every=1",
-                         "train.checkpoint_every=3")
+                         "objective.nan_rank=1", "data.num_workers=0", "train.max_bad_batches=3", "train.steps=10",
+                         "train.log_every=1", "train.checkpoint_every=3")
     with pytest.raises(TrainingStopped, match="train.max_bad_batches: 3 consecutive batches had a non-finite loss "
                                               "at step 8; the latest checkpoint is the last good one"):
         run_pretraining(config, run_name="nan")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import launch, own_lines
+from helpers import free_port, launch, own_lines
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
@@ -195,21 +195,42 @@ def test_cli_missing_init_from_exits_2_with_one_line(tmp_path, monkeypatch, caps
 
 
 @pytest.mark.slow
-def test_pretraining_starts_from_the_file_and_logs_its_hash(ray_session, demo_config, tmp_path) -> None:
-    """Two steps on Ray: the sha256 param reaches MLflow and the step-0 k-NN baseline is the loaded encoder's."""
-    from maskray.engine.driver import run_pretraining
+def test_a_launched_run_starts_from_the_file_and_logs_its_hash_without_a_tracking_server(
+    ray_session, demo_shards, knn_shards, tmp_path, monkeypatch, caplog
+) -> None:
+    """Four steps through the launcher on Ray, with nothing listening at ``tracking.uri``: the run trains into the
+    local fallback store (the driver's half of test_tracking_fallback.py), the sha256 param reaches it, and the
+    step-0 k-NN baseline is the loaded encoder's."""
+    import logging
+
     from maskray.eval.protocol import encoder_knn_metrics, eval_shard_sets
 
+    monkeypatch.setattr(ray_session, "shutdown", lambda: None)  # the launcher's; the tests' Ray stays up
+    monkeypatch.setenv("MASKRAY_ROOT", str(tmp_path))  # where the fallback store goes
     path = tmp_path / "start.safetensors"
     save_file(_timm(6).state_dict(), str(path))
-    config = demo_config(tmp_path, "model.depth=2", f"model.init_from={path}", "scaling.workers=1",
-                         "data.batch_size=16", "train.steps=2", "train.log_every=1", "train.checkpoint_every=2")
-    result = run_pretraining(config, run_name="from-file")
-    params = MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
-    assert params["model.init_from_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    overrides = [f"data.shards={demo_shards / 'train'}", f"eval.train_shards={knn_shards / 'train'}",
+                 f"eval.test_shards={knn_shards / 'test'}", f"tracking.uri={uri}",
+                 f"tracking.storage_path={tmp_path / 'runs'}", "model.depth=2", f"model.init_from={path}",
+                 "scaling.workers=1", "data.num_workers=0", "data.batch_size=16", "train.steps=4",
+                 "train.log_every=2"]
+    with caplog.at_level(logging.WARNING, logger="maskray.tracking.mlflow_run"):
+        code = launch("pretrain.py", "--config", str(REPO / "configs/demo/mae.yaml"), "--run-name", "from-file",
+                      *[item for override in overrides for item in ("--set", override)])
+    assert code == 0
+    local = f"sqlite:///{tmp_path / 'mlflow-fallback.db'}"
+    assert any(uri in r.getMessage() and local in r.getMessage() for r in caplog.records)
+    client = MlflowClient(local)
+    run = client.search_runs([client.get_experiment_by_name("maskray-demo").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.tags["maskray.run_name"] == "from-file"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
+
+    assert run.data.params["model.init_from_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    config = load_config(REPO / "configs/demo/mae.yaml", overrides)
     start = build_initial_encoder(config.model)
     expected = encoder_knn_metrics(start, eval_shard_sets(config.resolved().eval), config)
-    assert result.metrics["knn_top1_random_init"] == pytest.approx(expected["knn_top1"], abs=1e-6)
+    assert run.data.metrics["knn_top1_random_init"] == pytest.approx(expected["knn_top1"], abs=1e-6)
     trained, saved = load_encoder(next(p for p in (tmp_path / "runs" / "from-file").glob("checkpoint_*") if p.is_dir()))
     assert saved.model.init_from == str(path)
     assert not torch.equal(trained.vit.blocks[0].attn.qkv.weight, start.vit.blocks[0].attn.qkv.weight)

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("lightly")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # last: not the objectives package
 
 import peers  # noqa: E402
 

@@ -1,19 +1,16 @@
 """A tracking server that goes away never stops training (:class:`maskray.tracking.RunLogger`, the driver's
-fallback store): against a real ``mlflow server`` process on 127.0.0.1, stopped mid-run and restarted, or never
-started."""
+fallback store): against a real ``mlflow server`` process on 127.0.0.1, stopped mid-run and restarted (never
+started: test_init_from.py's launcher run)."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
-from helpers import free_port, launch, start_mlflow_server, stop_process
+from helpers import free_port, start_mlflow_server, stop_process
 from mlflow.tracking import MlflowClient
 
 from maskray.tracking import RunLogger, find_or_create_run
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -53,21 +50,4 @@ def test_metrics_tags_and_files_wait_while_the_server_is_down_and_arrive_once(tm
         stop_process(server)
 
 
-@pytest.mark.slow
-def test_run_without_a_server_at_start_trains_into_a_local_store(ray_session, demo_shards, tmp_path,
-                                                                 monkeypatch, caplog) -> None:
-    monkeypatch.setenv("MASKRAY_ROOT", str(tmp_path))  # where the fallback store goes
-    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    with caplog.at_level(logging.WARNING, logger="maskray.tracking.mlflow_run"):
-        code = launch("pretrain.py", "--config", str(REPO / "configs/demo/mae.yaml"), "--run-name", "no-server",
-                      "--set", f"data.shards={demo_shards / 'train'}", "--set", "eval.train_shards=null",
-                      "--set", f"tracking.uri={uri}", "--set", f"tracking.storage_path={tmp_path / 'runs'}",
-                      "--set", "train.steps=4", "--set", "train.log_every=2", "--set", "scaling.workers=1",
-                      "--set", "data.batch_size=16", "--set", "data.num_workers=0")
-    assert code == 0
-    local = f"sqlite:///{tmp_path / 'mlflow-fallback.db'}"
-    assert any(uri in r.getMessage() and local in r.getMessage() for r in caplog.records)
-    client = MlflowClient(local)
-    run = client.search_runs([client.get_experiment_by_name("maskray-demo").experiment_id])[0]
-    assert run.info.status == "FINISHED" and run.data.tags["maskray.run_name"] == "no-server"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4]
+# A run started with no server (the driver's fallback store) is test_init_from.py's launcher run.
