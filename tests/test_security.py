@@ -23,6 +23,7 @@ from maskray.engine.training_state import load_training_state
 from maskray.errors import ConfigError, DataError
 from maskray.run_spec import build_run_spec
 from maskray.tracking import find_or_create_run, redact_params
+from maskray.tracking.redact import is_secret_name
 
 REPO = Path(__file__).resolve().parents[1]
 PIPE = "pipe:curl -s https://example.com/shard-{000000..000009}.tar"
@@ -127,3 +128,8 @@ def test_secrets_from_the_environment_and_the_config_are_redacted_from_logged_pa
     assert logged["api_token"] == "***" and logged["dataset_path"] == "s3://bucket/shards?token=***"  # the tags
     assert redact_params({"optim.lr": 0.1, "objective.mask.key": "views.0"}, os.environ) == {
         "optim.lr": 0.1, "objective.mask.key": "views.0"}
+    assert redact_params({"grid.objective.fail": "false,true"}, {"TOKENIZERS_PARALLELISM": "false"}) == {
+        "grid.objective.fail": "false,true"}  # a tokenizer setting, not a token
+    assert [is_secret_name(name) for name in ("GOOGLE_APPLICATION_CREDENTIALS", "x-api-key", "apiToken",
+                                              "client_secrets", "TOKENIZERS_PARALLELISM", "monkey")] == [
+        True, True, True, True, False, False]

@@ -23,9 +23,12 @@ _MIN_SECRET_LENGTH = 4  # shorter env values ("1", "on") would blank out ordinar
 
 
 def is_secret_name(name: str) -> bool:
-    """True for names such as ``AWS_SECRET_ACCESS_KEY``, ``api_token``, ``db.password`` (case-insensitive)."""
-    lower = name.lower()
-    return any(word in lower for word in SECRET_WORDS)
+    """True for names such as ``AWS_SECRET_ACCESS_KEY``, ``api_token``, ``db.password``, ``apiToken``,
+    ``GOOGLE_APPLICATION_CREDENTIALS``: a secret word (or its plural) as whole parts of the name, case-insensitive,
+    so that ``TOKENIZERS_PARALLELISM`` (set to ``false`` by tokenizer libraries) is not one."""
+    parts = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())
+    joined = "_" + "_".join(filter(None, parts)) + "_"
+    return any(f"_{word}_" in joined or f"_{word}s_" in joined for word in SECRET_WORDS)
 
 
 def redact_uri_credentials(text: str) -> str:
