@@ -57,8 +57,9 @@ demo-job: demo-data
 		'{"excludes": [".git", ".venv", "data", "runs", "mlartifacts"], "env_vars": {"MASKRAY_ROOT": "$(CURDIR)"}}' \
 		-- $(abspath $(PY)) launch/pretrain.py --config $(DEMO_CONFIG) $(ARGS)
 
+# two processes: the Ray and slow tests in order in one, the rest beside them (tests/conftest.py)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # .whl/: the wheels the GPU suite (benchmarks/gpu/run.sh) needs and the GPU machine lacks, cp312 manylinux x86-64, at
 # this venv's versions (CONTRIBUTING.md: running the GPU suite). An existing venv is only read, never reinstalled.

@@ -77,11 +77,33 @@ class SharedRay:
 SHARED_RAY = SharedRay()
 
 
+def _on_ray(item) -> bool:
+    """A test that runs Ray (the shared instance or one of its own) or takes more than 30 s."""
+    return bool({"ray_session", "no_shared_ray"} & set(getattr(item, "fixturenames", ()))) or bool(
+        item.get_closest_marker("slow"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests that need Ray to themselves (their own ``ray.cluster_utils.Cluster``, a launcher subprocess with its
-    own local Ray, or no Ray at all) run first, before the shared instance starts (a stable sort: the rest keep
-    their order)."""
-    items.sort(key=lambda item: "no_shared_ray" not in getattr(item, "fixturenames", ()))
+    """The Ray and slow tests first, those that need Ray to themselves (their own ``ray.cluster_utils.Cluster``, a
+    launcher subprocess with its own local Ray, or no Ray at all) before the shared instance starts (a stable sort:
+    the rest keep their order). Under ``make test`` (``pytest -n 2 --dist loadgroup``) the Ray and slow tests are
+    one group, run in order by one process, so that one Ray instance at most runs on the machine (Ray Train's
+    per-run helpers look their cluster up by scanning the machine's processes); the other process runs the rest
+    beside them at a lower priority (:func:`beside_the_ray_tests`), on what Ray's start-ups and waits leave idle."""
+    items.sort(key=lambda item: (not _on_ray(item), "no_shared_ray" not in getattr(item, "fixturenames", ())))
+    for item in items:
+        if _on_ray(item):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.fixture(autouse=True)
+def beside_the_ray_tests(request) -> None:
+    """In a pytest-xdist worker, a test outside the Ray group lowers its process's priority (once; it stays low):
+    the Ray group sets the pace of the run, and its timing-sensitive steps (worker start-up, the GPU suite's step
+    limits) keep their CPU."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and not _on_ray(request.node) and os.getpriority(os.PRIO_PROCESS, 0) < 10:
+        os.nice(10 - os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
