@@ -99,11 +99,11 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(autouse=True)
 def beside_the_ray_tests(request) -> None:
-    """In a pytest-xdist worker, a test outside the Ray group lowers its process's priority (once; it stays low):
-    the Ray group sets the pace of the run, and its timing-sensitive steps (worker start-up, the GPU suite's step
-    limits) keep their CPU."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and not _on_ray(request.node) and os.getpriority(os.PRIO_PROCESS, 0) < 10:
-        os.nice(10 - os.getpriority(os.PRIO_PROCESS, 0))
+    """In a pytest-xdist worker, a test outside the Ray group lowers its process's priority to the lowest, 19
+    (once; it stays low): the Ray group sets the pace of the run. Ray starts its worker processes at niceness 15
+    (``RAY_worker_niceness``), so anything less would put these tests ahead of the Ray Train workers."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and not _on_ray(request.node):
+        os.nice(19 - os.getpriority(os.PRIO_PROCESS, 0))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -3,8 +3,8 @@
 Each objective's demo config (``configs/demo/<name>.yaml``) runs ``STEPS`` optimizer steps at a small batch,
 checkpoints once and reports its final k-NN; the run must finish with finite losses logged for every step window,
 the loop's metrics, its figures and its final encoder as artifacts (MAE's run also evaluates during training).
-Objectives whose step talks across ranks (gathers, global batch norm, codebook sums) run on 2 workers, the others
-on 1; the runs go two at a time. Learning at full budget is ``benchmarks/objectives.py``'s job (BENCHMARKS.md).
+MAE, VQ-KD and the composites run on 2 workers, the others on 1 (TWO_WORKERS says why); the runs go two at a
+time. Learning at full budget is ``benchmarks/objectives.py``'s job (BENCHMARKS.md).
 The one-channel demo (``mae_gray.yaml``) also evaluates its random init and exports to timm.
 """
 
@@ -43,10 +43,11 @@ DEMO_CONFIGS: dict[str, tuple[str, ...]] = {
     "msn.yaml": ("objective.focal_views=2",),  # the demo trains without focal crops; run them end to end
     "mae_gray.yaml": ("eval.random_init=true",),  # one channel: k-NN of the trained and the random encoder
 }
-# the configs whose step has a collective (all_gather, GlobalBatchNorm1d, the codebook's all_reduce) or that run
-# the default path (MAE: loader processes): 2 workers; the rest train alike on 1
-TWO_WORKERS = {"mae.yaml", "vqkd.yaml", "mae_lut.yaml", "mae_moco.yaml", "moco_v3.yaml", "msn.yaml",
-               "cl_mim_hybrid.yaml"}
+# 2 workers: the default path (MAE: loader processes), VQ-KD (its codebook's all_reduce has no two-rank test of its
+# own) and the composites; the rest train alike on 1. MoCo v3's and MSN's all_gather and MAE-LUT's global batch
+# norm are checked on two ranks against one process on the whole batch in test_moco_v3.py, test_msn.py and
+# test_mae_lut.py, and 2 workers at every ZeRO stage in test_platform_ray.py.
+TWO_WORKERS = {"mae.yaml", "vqkd.yaml", "mae_moco.yaml", "cl_mim_hybrid.yaml"}
 # config file -> (the demo config whose few-step run it needs, the override naming that run by "{run_id}"). A
 # teacher's run has its checkpoints deleted first: teachers come from the run's kept artifacts. Both runs share
 # an MLflow store (the teacher is found by run id).

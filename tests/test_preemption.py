@@ -32,7 +32,7 @@ class Driver:
         overrides = [f"data.shards={demo_shards / 'train'}", "eval.train_shards=null",
                      f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.storage_path={tmp_path / 'runs'}",
                      f"train.steps={STEPS}", "train.log_every=1", "train.checkpoint_every=4", "optim.warmup_steps=2",
-                     "data.batch_size=16"]
+                     "data.batch_size=16", "data.num_workers=0"]  # loader processes under faults: test_faults_ray
         command = [sys.executable, str(REPO / "launch" / "pretrain.py"),
                    "--config", str(REPO / "configs/demo/mae.yaml"), "--run-name", "preempted",
                    *[item for o in overrides for item in ("--set", o)]]
