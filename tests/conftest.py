@@ -78,20 +78,21 @@ SHARED_RAY = SharedRay()
 
 
 def _on_ray(item) -> bool:
-    """A test that runs Ray (the shared instance or one of its own) or takes more than 30 s."""
-    return bool({"ray_session", "no_shared_ray"} & set(getattr(item, "fixturenames", ()))) or bool(
-        item.get_closest_marker("slow"))
+    """A test that runs Ray: the shared instance or one of its own."""
+    return bool({"ray_session", "no_shared_ray"} & set(getattr(item, "fixturenames", ())))
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
-    """The Ray and slow tests first, those that need Ray to themselves (their own ``ray.cluster_utils.Cluster``, a
-    launcher subprocess with its own local Ray, or no Ray at all) before the shared instance starts (a stable sort:
-    the rest keep their order). Under ``make test`` (``pytest -n 2 --dist loadgroup``) the Ray and slow tests are
+    """The Ray tests first, those that need Ray to themselves (their own ``ray.cluster_utils.Cluster``, a launcher
+    subprocess with its own local Ray, or no Ray at all) before the shared instance starts, then the slow ones (a
+    stable sort: the rest keep their order). Under ``make test`` (``pytest -n 2 --dist loadgroup``) the Ray tests are
     one group, run in order by one process, so that one Ray instance at most runs on the machine (Ray Train's
-    per-run helpers look their cluster up by scanning the machine's processes); the other process runs the rest
-    beside them at a lower priority (:func:`beside_the_ray_tests`), on what Ray's start-ups and waits leave idle."""
-    items.sort(key=lambda item: (not _on_ray(item), "no_shared_ray" not in getattr(item, "fixturenames", ())))
+    per-run helpers look their cluster up by scanning the machine's processes); the other process runs the slow
+    tests without Ray (the GPU suite's smoke run) beside them, then the rest at a lower priority
+    (:func:`beside_the_ray_tests`), on what Ray's start-ups and waits leave idle."""
+    items.sort(key=lambda item: (not _on_ray(item), not item.get_closest_marker("slow"),
+                                 "no_shared_ray" not in getattr(item, "fixturenames", ())))
     for item in items:
         if _on_ray(item):
             item.add_marker(pytest.mark.xdist_group("ray"))
@@ -99,10 +100,12 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(autouse=True)
 def beside_the_ray_tests(request) -> None:
-    """In a pytest-xdist worker, a test outside the Ray group lowers its process's priority to the lowest, 19
+    """In a pytest-xdist worker, a short test outside the Ray group lowers its process's priority to the lowest, 19
     (once; it stays low): the Ray group sets the pace of the run. Ray starts its worker processes at niceness 15
-    (``RAY_worker_niceness``), so anything less would put these tests ahead of the Ray Train workers."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and not _on_ray(request.node):
+    (``RAY_worker_niceness``), so anything less would put these tests ahead of the Ray Train workers. The slow tests
+    without Ray run before, at normal priority: their steps have time limits."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and not _on_ray(request.node) and not request.node.get_closest_marker(
+            "slow"):
         os.nice(19 - os.getpriority(os.PRIO_PROCESS, 0))
 
 
