@@ -91,8 +91,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     per-run helpers look their cluster up by scanning the machine's processes); the other process runs the slow
     tests without Ray (the GPU suite's smoke run) beside them, then the rest at a lower priority
     (:func:`beside_the_ray_tests`), on what Ray's start-ups and waits leave idle."""
-    items.sort(key=lambda item: (not _on_ray(item), not item.get_closest_marker("slow"),
-                                 "no_shared_ray" not in getattr(item, "fixturenames", ())))
+    items.sort(key=lambda item: (not _on_ray(item), "no_shared_ray" not in getattr(item, "fixturenames", ()),
+                                 not item.get_closest_marker("slow")))
     for item in items:
         if _on_ray(item):
             item.add_marker(pytest.mark.xdist_group("ray"))
